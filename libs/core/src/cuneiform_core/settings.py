@@ -22,9 +22,7 @@ STACK_ENV_FILE = Path(os.environ.get("CUNEIFORM_ENV_FILE", ".cuneiform/stack.env
 class ConnectionSettings(BaseSettings):
     """Where the shared infrastructure lives. Env prefix ``CUNEIFORM_``."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="CUNEIFORM_", env_file=STACK_ENV_FILE, extra="ignore", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="CUNEIFORM_", env_file=STACK_ENV_FILE, extra="ignore", frozen=True)
 
     nats_url: str = "nats://127.0.0.1:4222"
     #: Prefix for every subject, stream, KV and object-store bucket name: lets two deployments (or two

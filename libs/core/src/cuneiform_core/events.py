@@ -1,0 +1,86 @@
+"""Internal events between services (stream PIPELINE and DLQ), and how they are published.
+
+Like the public contract, every internal event is a frozen pydantic model carrying ``v`` and a
+producer-made ``event_id``; ``publish`` sends it as JSON with ``Nats-Msg-Id`` = ``event_id`` and waits
+for the stream's ack, so a retried publish is deduplicated by the server and never doubled. The
+event id is derived from what the event is about (``stable_id``), so a service that crashes after
+committing but before publishing publishes the same id again on restart.
+
+Event types owned by later services are added here, additively, by the issue that builds them.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+from faststream.nats import NatsBroker
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+_NAMESPACE = uuid.UUID("5d1f3e1c-4a6b-4f51-9d7e-2b8c0f6a9e11")
+
+
+def stable_id(*parts: object) -> uuid.UUID:
+    """A UUIDv5 from what an event is about: the same facts always give the same id."""
+    return uuid.uuid5(_NAMESPACE, "\x1f".join(str(p) for p in parts))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class PipelineEvent(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    v: Literal[1] = 1
+    event_id: uuid.UUID
+    occurred_at: AwareDatetime = Field(default_factory=_now)
+
+
+class TrajectoryCompleted(PipelineEvent):
+    """The recorder has every event of a trajectory (or gave up waiting: status tells which)."""
+
+    trajectory_id: uuid.UUID
+    agent_id: str
+    scenario_id: str
+    status: Literal["completed", "failed", "aborted", "incomplete", "abandoned"]
+    event_count: int
+    total_reward: float | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    deployment_id: str | None = None
+
+
+class DeadLetter(PipelineEvent):
+    """A message a service can never process: why, and the exact bytes, for inspection or replay."""
+
+    service: str
+    consumer: str
+    reason: str
+    kind: Literal["malformed", "invalid", "rejected", "poison"]
+    subject: str
+    stream: str | None = None
+    stream_seq: int | None = None
+    num_delivered: int | None = None
+    msg_id: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    payload_b64: str
+
+    @property
+    def payload(self) -> bytes:
+        return base64.b64decode(self.payload_b64)
+
+
+async def publish(
+    broker: NatsBroker, subject: str, event: PipelineEvent, *, stream: str, timeout: float = 10.0
+) -> None:
+    """Publish to a JetStream stream, deduplicated by ``event_id``; returns once the stream has it."""
+    await broker.publish(
+        event.model_dump_json().encode(),
+        subject,
+        headers={"Nats-Msg-Id": str(event.event_id), "content-type": "application/json"},
+        stream=stream,
+        timeout=timeout,
+    )

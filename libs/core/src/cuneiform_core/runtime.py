@@ -1,0 +1,362 @@
+"""The one consumer loop every service uses: batch pulls from a durable JetStream consumer, through
+FastStream, with an explicit acknowledgement discipline.
+
+For each fetched batch:
+
+1. Every message is decoded by the service's ``decode``. A message that cannot be decoded
+   (malformed JSON, a contract violation, an unknown version) is dead-lettered with the reason and
+   terminated; the rest of the batch goes on.
+2. The decoded items go to the service's ``handle`` in one call, which commits them (one transaction).
+   Only when it returns are the messages acked: ack after commit. ``handle`` may name items it
+   rejects for good (``{index: reason}``); those are dead-lettered, the others acked.
+3. A transient failure (database or broker unreachable, ``TransientError``) naks the batch with a
+   backoff delay and pauses this consumer for as long: nothing is lost, nothing dead-lettered, and a
+   down database is not hammered.
+4. Any other exception is assumed to come from one bad message: the batch is split in halves and
+   retried until the failing message stands alone; it is then redelivered with backoff and, after
+   ``max_deliver`` attempts, dead-lettered with the error — so one poison message never blocks the
+   stream and never takes the service down.
+
+FastStream's own ack policy is set to ``MANUAL``: its defaults either drop a message whose handler
+raised or ack it anyway. Handlers must be idempotent (keys made by producers, ``ON CONFLICT DO
+NOTHING``), since a crash between commit and ack redelivers.
+
+On shutdown the service stops fetching and waits (``graceful_timeout``) for the batch in hand to
+commit and ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+import asyncpg
+import nats.errors
+from faststream import Context
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsBroker, PullSub
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy as JsAckPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import ValidationError
+
+from .events import DeadLetter, publish, stable_id
+from .logging import get_logger
+from .observability import BATCH_SIZE, DEAD_LETTERS, HANDLER_SECONDS, MESSAGES
+from .topology import DLQ, Topology, dlq_subject
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+
+class PermanentError(Exception):
+    """This input can never be processed: dead-letter it with this message as the reason."""
+
+
+class TransientError(Exception):
+    """A dependency is unavailable: retry later, never dead-letter."""
+
+
+#: Failures that say "try again later", not "this message is bad".
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    TransientError,
+    OSError,  # includes ConnectionError and TimeoutError
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.TimeoutError,
+    nats.errors.NoServersError,
+)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message as a decoder sees it."""
+
+    subject: str
+    data: bytes
+    headers: Mapping[str, str]
+    stream: str
+    stream_seq: int
+    num_delivered: int
+    raw: Msg = field(repr=False, compare=False)
+
+    @property
+    def msg_id(self) -> str | None:
+        return self.headers.get("Nats-Msg-Id")
+
+    @classmethod
+    def of(cls, msg: Msg) -> Delivery:
+        meta = msg.metadata
+        return cls(
+            subject=msg.subject,
+            data=msg.data,
+            headers=dict(msg.headers or {}),
+            stream=meta.stream,
+            stream_seq=meta.sequence.stream,
+            num_delivered=meta.num_delivered,
+            raw=msg,
+        )
+
+
+Decoder = Callable[[Delivery], T]
+#: Commits the items; may return ``{index: reason}`` for items it rejects permanently.
+BatchHandler = Callable[[Sequence[T]], Awaitable[Mapping[int, str] | None]]
+DeadLetterHook = Callable[[DeadLetter], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ConsumerOptions:
+    batch_size: int = 500
+    #: Seconds to wait for a batch to fill before handling what has arrived.
+    fetch_timeout: float = 0.25
+    #: Seconds the server waits for an ack before redelivering; longer than the slowest commit.
+    ack_wait: float = 60.0
+    max_ack_pending: int = 20_000
+    #: Attempts before a message that keeps failing with an unexpected error is dead-lettered.
+    max_deliver: int = 5
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    deliver_policy: DeliverPolicy = DeliverPolicy.ALL
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter (attempt 1 waits up to ``base``)."""
+    return random.uniform(0.5, 1.0) * min(cap, base * 2 ** max(0, attempt - 1))
+
+
+def describe_decode_error(error: Exception) -> tuple[Literal["malformed", "invalid"], str]:
+    """Classify a decoder's failure: bytes that are not JSON at all, or JSON that breaks the schema."""
+    if isinstance(error, ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(body)'}: {e['msg']}" for e in error.errors(include_url=False)[:5]
+        )
+        return "invalid", problems
+    text = str(error) or type(error).__name__
+    if isinstance(error, json.JSONDecodeError | UnicodeDecodeError):
+        return "malformed", f"malformed JSON: {text}"
+    return ("malformed" if text.startswith("malformed") else "invalid"), text
+
+
+class BatchConsumer(Generic[T]):
+    """A durable pull consumer of one stream, wired into a FastStream broker."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        name: str,
+        stream: str,
+        subjects: Sequence[str],
+        decode: Decoder[T],
+        handle: BatchHandler[T],
+        topology: Topology,
+        options: ConsumerOptions | None = None,
+        on_dead_letter: DeadLetterHook | None = None,
+    ) -> None:
+        self.service = service
+        self.name = name
+        self.stream = stream
+        self.subjects = list(subjects)
+        self._decode = decode
+        self._handle = handle
+        self._topology = topology
+        self.options = options or ConsumerOptions()
+        self._on_dead_letter = on_dead_letter
+        self._broker: NatsBroker | None = None
+        self._stopping = asyncio.Event()
+        self._consecutive_transient = 0
+
+    # --- wiring ---------------------------------------------------------------------------------------
+
+    def attach(self, broker: NatsBroker) -> None:
+        """Register with the broker; consumption starts with ``broker.start()``."""
+        self._broker = broker
+        opts = self.options
+        config = ConsumerConfig(
+            durable_name=self.name,
+            ack_policy=JsAckPolicy.EXPLICIT,
+            ack_wait=opts.ack_wait,
+            # Redelivery is counted by the server, dead-lettering decided here (-1: no server limit,
+            # so a message is never silently dropped after max_deliver).
+            max_deliver=-1,
+            max_ack_pending=opts.max_ack_pending,
+            deliver_policy=opts.deliver_policy,
+            filter_subjects=self.subjects if len(self.subjects) > 1 else None,
+            filter_subject=self.subjects[0] if len(self.subjects) == 1 else None,
+        )
+
+        async def on_batch(
+            body: Annotated[Any, Context("message.raw_message")],
+        ) -> None:
+            await self.process(list(body))
+
+        subscriber = broker.subscriber(
+            self.subjects[0],
+            stream=JStream(name=self.stream, declare=False),
+            durable=self.name,
+            config=config,
+            pull_sub=PullSub(batch_size=opts.batch_size, timeout=opts.fetch_timeout, batch=True),
+            ack_policy=AckPolicy.MANUAL,
+            decoder=_raw_body,
+            no_reply=True,
+            title=f"{self.service}.{self.name}",
+        )
+        subscriber(on_batch)
+
+    def stop(self) -> None:
+        """Cut short any backoff pause so a graceful shutdown does not wait for it."""
+        self._stopping.set()
+
+    # --- the loop body ---------------------------------------------------------------------------------
+
+    async def process(self, msgs: list[Msg]) -> None:
+        BATCH_SIZE.labels(self.service, self.name).observe(len(msgs))
+        started = time.perf_counter()
+        items: list[T] = []
+        deliveries: list[Delivery] = []
+        for msg in msgs:
+            delivery = Delivery.of(msg)
+            try:
+                items.append(self._decode(delivery))
+                deliveries.append(delivery)
+            except Exception as error:
+                kind, reason = describe_decode_error(error)
+                await self._dead_letter(delivery, kind, reason)
+        if items:
+            await self._handle_items(items, deliveries)
+        HANDLER_SECONDS.labels(self.service, self.name).observe(time.perf_counter() - started)
+
+    async def _handle_items(self, items: list[T], deliveries: list[Delivery]) -> None:
+        try:
+            rejected = await self._handle(items) or {}
+        except TRANSIENT_ERRORS as error:
+            await self._retry_later(deliveries, error)
+            return
+        except PermanentError as error:
+            if len(items) == 1:
+                await self._dead_letter(deliveries[0], "rejected", str(error))
+                return
+            await self._bisect(items, deliveries)
+            return
+        except Exception as error:
+            if len(items) == 1:
+                await self._poison(deliveries[0], error)
+                return
+            log.warning("consumer.batch_failed_isolating", consumer=self.name, size=len(items), error=repr(error))
+            await self._bisect(items, deliveries)
+            return
+        self._consecutive_transient = 0
+        for index, delivery in enumerate(deliveries):
+            if index in rejected:
+                await self._dead_letter(delivery, "rejected", rejected[index])
+            else:
+                await delivery.raw.ack()
+        MESSAGES.labels(self.service, self.name, "acked").inc(len(deliveries) - len(rejected))
+
+    async def _bisect(self, items: list[T], deliveries: list[Delivery]) -> None:
+        middle = len(items) // 2
+        await self._handle_items(items[:middle], deliveries[:middle])
+        await self._handle_items(items[middle:], deliveries[middle:])
+
+    async def _retry_later(self, deliveries: list[Delivery], error: BaseException) -> None:
+        self._consecutive_transient += 1
+        delay = backoff_delay(self._consecutive_transient, self.options.backoff_base, self.options.backoff_max)
+        log.warning(
+            "consumer.transient_failure",
+            consumer=self.name,
+            size=len(deliveries),
+            retry_in_s=round(delay, 2),
+            error=repr(error),
+        )
+        for delivery in deliveries:
+            await _quietly(delivery.raw.nak(delay=delay))
+        MESSAGES.labels(self.service, self.name, "retried").inc(len(deliveries))
+        # Pause this consumer too, so a down dependency is not hammered with the rest of the stream.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+
+    async def _poison(self, delivery: Delivery, error: Exception) -> None:
+        attempts = delivery.num_delivered
+        if attempts >= self.options.max_deliver:
+            reason = f"handler failed {attempts} times; last error: {type(error).__name__}: {error}"
+            await self._dead_letter(delivery, "poison", reason)
+            return
+        delay = backoff_delay(attempts, self.options.backoff_base, self.options.backoff_max)
+        log.warning(
+            "consumer.message_failed",
+            consumer=self.name,
+            subject=delivery.subject,
+            stream_seq=delivery.stream_seq,
+            attempt=attempts,
+            retry_in_s=round(delay, 2),
+            error=repr(error),
+        )
+        await _quietly(delivery.raw.nak(delay=delay))
+        MESSAGES.labels(self.service, self.name, "retried").inc()
+
+    async def _dead_letter(self, delivery: Delivery, kind: str, reason: str) -> None:
+        """Record the message in the DLQ stream first, then terminate it: never lost in between."""
+        assert self._broker is not None
+        letter = DeadLetter(
+            event_id=stable_id("dead-letter", self.service, self.name, delivery.stream, delivery.stream_seq),
+            service=self.service,
+            consumer=self.name,
+            reason=reason,
+            kind=kind,  # type: ignore[arg-type]
+            subject=delivery.subject,
+            stream=delivery.stream,
+            stream_seq=delivery.stream_seq,
+            num_delivered=delivery.num_delivered,
+            msg_id=delivery.msg_id,
+            headers=dict(delivery.headers),
+            payload_b64=base64.b64encode(delivery.data).decode(),
+        )
+        try:
+            await publish(
+                self._broker,
+                self._topology.subject(dlq_subject(self.service)),
+                letter,
+                stream=self._topology.stream(DLQ),
+            )
+            if self._on_dead_letter is not None:
+                await self._on_dead_letter(letter)
+        except TRANSIENT_ERRORS as error:
+            # Cannot record it now: leave it to be redelivered, it will be dead-lettered then.
+            log.warning("consumer.dead_letter_deferred", consumer=self.name, error=repr(error))
+            await _quietly(delivery.raw.nak(delay=self.options.backoff_max))
+            return
+        await delivery.raw.term()
+        log.warning(
+            "consumer.dead_lettered",
+            consumer=self.name,
+            kind=kind,
+            subject=delivery.subject,
+            stream_seq=delivery.stream_seq,
+            reason=reason,
+        )
+        MESSAGES.labels(self.service, self.name, "dead_lettered").inc()
+        DEAD_LETTERS.labels(self.service, self.name, kind).inc()
+
+
+async def _raw_body(msg: Any) -> Any:
+    """FastStream decoder that leaves bodies as bytes: the service's own decoder does the parsing."""
+    return msg.body
+
+
+async def _quietly(awaitable: Awaitable[None]) -> None:
+    # A nak that cannot reach the server is harmless: the ack deadline redelivers the message.
+    with contextlib.suppress(*TRANSIENT_ERRORS):
+        await awaitable
