@@ -1,1 +1,53 @@
-"""sdk"""
+"""Cuneiform agent SDK: the public event contract (v1), subject names, and the recording client.
+
+Depends on nothing heavier than nats-py and pydantic, so an agent installs it alone.
+"""
+
+from .contract import (
+    CONTRACT_VERSION,
+    Action,
+    AssistantMessage,
+    ChatMessage,
+    ClaimCheck,
+    ContractError,
+    Envelope,
+    Event,
+    LlmCall,
+    ModelRef,
+    PayloadRef,
+    ProviderAccess,
+    Reward,
+    Step,
+    ToolCall,
+    TrajectoryEnded,
+    TrajectoryStarted,
+    dump_event,
+    parse_event,
+    validate_event,
+)
+from .subjects import agent_token, trajectory_subject
+
+__all__ = [
+    "CONTRACT_VERSION",
+    "Action",
+    "AssistantMessage",
+    "ChatMessage",
+    "ClaimCheck",
+    "ContractError",
+    "Envelope",
+    "Event",
+    "LlmCall",
+    "ModelRef",
+    "PayloadRef",
+    "ProviderAccess",
+    "Reward",
+    "Step",
+    "ToolCall",
+    "TrajectoryEnded",
+    "TrajectoryStarted",
+    "agent_token",
+    "dump_event",
+    "parse_event",
+    "trajectory_subject",
+    "validate_event",
+]

@@ -288,11 +288,14 @@ class ContractError(ValueError):
 _event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, tag: str | None = None) -> str:
     parts = []
     for item in error.errors(include_url=False)[:5]:
-        # Drop the discriminator tag pydantic adds to the location: the producer never wrote it.
-        location = ".".join(str(p) for p in item["loc"] if p not in EVENT_TYPES) or "(event)"
+        loc = item["loc"]
+        # Drop the discriminator tag pydantic puts first in the location: the producer never wrote it.
+        if tag is not None and loc and loc[0] == tag:
+            loc = loc[1:]
+        location = ".".join(str(p) for p in loc) or "(event)"
         parts.append(f"{location}: {item['msg']}")
     more = error.error_count() - len(parts)
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
@@ -314,7 +317,7 @@ def validate_event(data: Any) -> Event:
     try:
         return _event_adapter.validate_python(data)
     except ValidationError as error:
-        raise ContractError(f"invalid {data['type']} event: {_describe(error)}") from None
+        raise ContractError(f"invalid {data['type']} event: {_describe(error, data['type'])}") from None
 
 
 def parse_event(raw: bytes | str) -> Event | ClaimCheck:
