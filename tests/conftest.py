@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import nats
 import pytest
 from cuneiform_core.settings import ConnectionSettings
 
@@ -69,7 +70,9 @@ def _containers() -> Iterator[Servers]:
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    backend = os.environ.get("CUNEIFORM_TEST_BACKEND") or ("env" if "CUNEIFORM_TEST_NATS_URL" in os.environ else "embedded")
+    backend = os.environ.get("CUNEIFORM_TEST_BACKEND") or (
+        "env" if "CUNEIFORM_TEST_NATS_URL" in os.environ else "embedded"
+    )
     if backend == "env":
         yield _from_env()
     elif backend == "containers":
@@ -117,9 +120,19 @@ async def pg_dsn(servers: Servers) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def nats_prefix() -> str:
-    """This test's NATS namespace: its streams, subjects and buckets are invisible to other tests."""
-    return _unique("n")
+async def nats_prefix(servers: Servers) -> AsyncIterator[str]:
+    """This test's NATS namespace: its streams, subjects and buckets are invisible to other tests,
+    and are deleted afterwards (JetStream reserves each stream's storage while it exists)."""
+    prefix = _unique("n")
+    yield prefix
+    nc = await nats.connect(servers.nats_url)
+    try:
+        js = nc.jetstream()
+        for name in await js.streams_info():
+            if prefix in name.config.name:
+                await js.delete_stream(name.config.name)
+    finally:
+        await nc.close()
 
 
 @pytest.fixture
@@ -134,5 +147,7 @@ def connection(servers: Servers, pg_dsn: str, nats_prefix: str) -> ConnectionSet
         "s3_secret_key": servers.s3_secret_key,
         "s3_region": servers.s3_region,
         "s3_bucket": _unique("b").lower(),
+        # Small budget: JetStream reserves it per test namespace.
+        "nats_storage_gib": 0.05,
     }
     return ConnectionSettings(**values)

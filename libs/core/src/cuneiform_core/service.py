@@ -50,7 +50,7 @@ class Service:
         self.settings = settings
         self.connection = connection or ConnectionSettings()
         self.name = settings.service_name
-        self.topology = Topology(self.connection.nats_prefix)
+        self.topology = Topology.of(self.connection)
         self._migrations = db.load_migrations(migrations) if isinstance(migrations, str) else migrations
         self._wants_store = object_store
         self.broker = NatsBroker(

@@ -28,6 +28,8 @@ class ConnectionSettings(BaseSettings):
     #: Prefix for every subject, stream, KV and object-store bucket name: lets two deployments (or two
     #: tests) share one NATS server without seeing each other. Empty in production.
     nats_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,32}$")
+    #: JetStream file storage all streams may use together (GiB); the server reserves it up front.
+    nats_storage_gib: float = Field(default=40.0, gt=0)
     pg_dsn: str = "postgresql://cuneiform:cuneiform@127.0.0.1:5432/cuneiform"
     s3_endpoint: str = "127.0.0.1:9000"
     s3_access_key: str = "cuneiform"

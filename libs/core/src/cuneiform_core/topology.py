@@ -26,11 +26,14 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from .logging import get_logger
+from .settings import ConnectionSettings
 
 log = get_logger(__name__)
 
 GIB = 1024**3
 DAY = 24 * 3600.0
+#: JetStream file storage the streams of one deployment may use together, split by ``storage_share``.
+DEFAULT_STORAGE_GIB = 40.0
 
 #: The broker's default max_payload; the contract's claim check takes anything larger.
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -43,9 +46,10 @@ class StreamSpec:
     name: str
     subjects: tuple[str, ...]
     description: str
+    #: This stream's share of the deployment's JetStream storage budget (``nats_storage_gib``).
+    storage_share: float
     retention: RetentionPolicy = RetentionPolicy.LIMITS
     max_age: float = 7 * DAY
-    max_bytes: int = 20 * GIB
     #: Window in which a repeated Nats-Msg-Id is dropped by the server: it covers an SDK that
     #: retries after a lost publish ack, a reconnect, or an agent restart that resends its outbox.
     duplicate_window: float = 20 * 60.0
@@ -53,7 +57,7 @@ class StreamSpec:
     def stream_name(self, prefix: str = "") -> str:
         return f"{prefix}_{self.name}" if prefix else self.name
 
-    def config(self, prefix: str = "") -> StreamConfig:
+    def config(self, prefix: str = "", storage_gib: float = DEFAULT_STORAGE_GIB) -> StreamConfig:
         return StreamConfig(
             name=self.stream_name(prefix),
             description=self.description,
@@ -62,7 +66,8 @@ class StreamSpec:
             storage=StorageType.FILE,
             discard=DiscardPolicy.NEW,
             max_age=self.max_age,
-            max_bytes=self.max_bytes,
+            # JetStream reserves max_bytes up front, so the budget is set deliberately, not "unlimited".
+            max_bytes=max(1024**2, int(storage_gib * self.storage_share * GIB)),
             max_msg_size=MAX_MESSAGE_BYTES,
             duplicate_window=self.duplicate_window,
             num_replicas=1,
@@ -73,13 +78,14 @@ TRAJECTORIES = StreamSpec(
     name="TRAJECTORIES",
     subjects=(f"{TRAJECTORY_SUBJECT_ROOT}.>",),
     description="Raw agent events (public contract v1): recorder and archiver consume independently",
+    storage_share=0.6,
 )
 PIPELINE = StreamSpec(
     name="PIPELINE",
     subjects=("pipeline.>",),
     description="Internal pipeline events between services",
     max_age=30 * DAY,
-    max_bytes=5 * GIB,
+    storage_share=0.1,
 )
 BATCHES = StreamSpec(
     name="BATCHES",
@@ -87,21 +93,21 @@ BATCHES = StreamSpec(
     description="Training offers: a work queue, one trainer claims each offer",
     retention=RetentionPolicy.WORK_QUEUE,
     max_age=30 * DAY,
-    max_bytes=1 * GIB,
+    storage_share=0.02,
 )
 TRAINING = StreamSpec(
     name="TRAINING",
     subjects=("training.>",),
     description="Trainer reports: started, progress, heartbeat, completed, failed",
     max_age=30 * DAY,
-    max_bytes=5 * GIB,
+    storage_share=0.08,
 )
 DLQ = StreamSpec(
     name="DLQ",
     subjects=("dlq.>",),
     description="Messages a service can never process, with the reason and the raw bytes",
     max_age=90 * DAY,
-    max_bytes=10 * GIB,
+    storage_share=0.2,
     duplicate_window=DAY,
 )
 
@@ -144,7 +150,12 @@ class Topology:
     """The names one deployment uses: ``Topology(prefix).subject("pipeline.batch.created")``."""
 
     prefix: str = ""
+    storage_gib: float = DEFAULT_STORAGE_GIB
     streams: tuple[StreamSpec, ...] = field(default=STREAMS)
+
+    @classmethod
+    def of(cls, settings: ConnectionSettings) -> Topology:
+        return cls(settings.nats_prefix, settings.nats_storage_gib)
 
     def subject(self, subject: str) -> str:
         return with_prefix(subject, self.prefix)
@@ -181,7 +192,7 @@ async def ensure_topology(js: JetStreamContext, topology: Topology) -> dict[str,
     """Create every stream, the routing KV bucket and the payloads object store; idempotent."""
     outcome = {}
     for spec in topology.streams:
-        outcome[topology.stream(spec)] = await ensure_stream(js, spec.config(topology.prefix))
+        outcome[topology.stream(spec)] = await ensure_stream(js, spec.config(topology.prefix, topology.storage_gib))
     routing = topology.bucket(ROUTING_BUCKET)
     try:
         await js.key_value(routing)
