@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -69,7 +72,7 @@ def _containers() -> Iterator[Servers]:
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def servers() -> Iterator[Servers]:
     backend = os.environ.get("CUNEIFORM_TEST_BACKEND") or (
         "env" if "CUNEIFORM_TEST_NATS_URL" in os.environ else "embedded"
     )
@@ -81,13 +84,17 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     elif backend == "embedded":
         from cuneiform_stack import LocalStack
 
-        stack = LocalStack(tmp_path_factory.mktemp("stack"), env_file=tmp_path_factory.mktemp("env") / "stack.env")
+        # Not pytest's tmp_path: PostgreSQL runs as its own user when we are root, and pytest resets
+        # its temp root to 0700 whenever another session starts.
+        folder = Path(tempfile.mkdtemp(prefix="cuneiform-test-stack-"))
+        stack = LocalStack(folder / "data", env_file=folder / "stack.env")
         stack.start()
         try:
             e = stack.endpoints
             yield Servers(e.nats_url, e.pg_dsn, e.s3_endpoint, e.s3_access_key, e.s3_secret_key, e.s3_region)
         finally:
             stack.stop()
+            shutil.rmtree(folder, ignore_errors=True)
     else:
         raise pytest.UsageError(f"CUNEIFORM_TEST_BACKEND={backend!r}: use embedded, env or containers")
 
