@@ -320,14 +320,8 @@ def validate_event(data: Any) -> Event:
         raise ContractError(f"invalid {data['type']} event: {_describe(error, data['type'])}") from None
 
 
-def parse_event(raw: bytes | str) -> Event | ClaimCheck:
-    """Decode one message body: a full event, or a ``ClaimCheck`` whose body must be fetched."""
-    import json  # stdlib keeps the SDK light; services decode with orjson before validate_event
-
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ContractError(f"malformed JSON: {error}") from None
+def validate_message(data: Any) -> Event | ClaimCheck:
+    """Validate a decoded message body: a full event, or a ``ClaimCheck`` whose body must be fetched."""
     if isinstance(data, dict) and "payload_ref" in data:
         _check_header(data)
         try:
@@ -335,6 +329,17 @@ def parse_event(raw: bytes | str) -> Event | ClaimCheck:
         except ValidationError as error:
             raise ContractError(f"invalid claim check: {_describe(error)}") from None
     return validate_event(data)
+
+
+def parse_event(raw: bytes | str) -> Event | ClaimCheck:
+    """Decode and validate one message body."""
+    import json  # stdlib keeps the SDK light; services decode with orjson and call validate_message
+
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ContractError(f"malformed JSON: {error}") from None
+    return validate_message(data)
 
 
 def dump_event(event: Envelope) -> bytes:
