@@ -16,14 +16,16 @@ from cuneiform_core.db import Migration
 from cuneiform_core.runtime import ConsumerOptions, Delivery, PermanentError
 from cuneiform_core.service import Service
 from cuneiform_core.settings import SERVICE_CONFIG, ConnectionSettings, ServiceSettings
-from cuneiform_core.topology import DLQ, TRAJECTORIES, Topology
+from cuneiform_core.topology import DLQ, TRAJECTORIES, Topology, ensure_topology
 from nats.js import JetStreamContext
 from pydantic_settings import SettingsConfigDict
+
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
 TABLE = Migration(1, "items", "CREATE TABLE items (id text PRIMARY KEY, body jsonb NOT NULL)")
-FAST = ConsumerOptions(batch_size=50, fetch_timeout=0.1, max_deliver=3, backoff_base=0.05, backoff_max=0.2)
+FAST = ConsumerOptions(batch_size=50, max_wait=0.2, max_deliver=3, backoff_base=0.05, backoff_max=0.2)
 
 
 class ProbeSettings(ServiceSettings):
@@ -51,7 +53,9 @@ Handler = Callable[[Service, Sequence[dict[str, Any]]], Awaitable[Any]]
 @pytest.fixture
 async def js(connection: ConnectionSettings) -> AsyncIterator[JetStreamContext]:
     nc = await nats.connect(connection.nats_url)
-    yield nc.jetstream()
+    js = nc.jetstream()
+    await ensure_topology(js, Topology.of(connection))
+    yield js
     await nc.close()
 
 
@@ -92,14 +96,6 @@ async def rows(dsn: str) -> list[str]:
         await conn.close()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
-
-
 async def dead_letters(js: JetStreamContext, topology: Topology) -> list[dict[str, Any]]:
     info = await js.stream_info(topology.stream(DLQ))
     letters = []
@@ -123,8 +119,8 @@ async def test_acks_only_after_the_handler_commits(run_probe, js, connection) ->
         await release.wait()
         await store(service.pool, items)
 
-    await run_probe(slow_store)
     await publish(js, topology, [{"id": f"i{n}"} for n in range(5)])
+    await run_probe(slow_store)  # the five are pending: one fetch takes them all
     await asyncio.wait_for(entered.wait(), 10)
     # Delivered, not yet committed: nothing is acked and nothing is in the table.
     assert await consumer_state(js, topology) == (0, 5)
@@ -223,8 +219,8 @@ async def test_shutdown_finishes_and_acks_in_flight_work(run_probe, js, connecti
         await asyncio.sleep(1.0)
         await store(service.pool, items)
 
-    service = await run_probe(slow)
     await publish(js, topology, [{"id": f"i{n}"} for n in range(10)])
+    service = await run_probe(slow)
     await asyncio.wait_for(entered.wait(), 10)
     await service.stop()  # must wait for the batch in hand, commit it and ack it
     assert await rows(connection.pg_dsn) == sorted(f"i{n}" for n in range(10))
@@ -250,7 +246,7 @@ async def test_replicas_on_one_durable_consumer_share_the_work_without_doubles(r
         seen.extend(i["id"] for i in items)
         await store(service.pool, items)
 
-    small = ConsumerOptions(batch_size=10, fetch_timeout=0.05)
+    small = ConsumerOptions(batch_size=10, max_wait=0.2)
     await run_probe(handler, small)
     await run_probe(handler, small)
     await publish(js, topology, [{"id": f"i{n:03d}"} for n in range(300)])

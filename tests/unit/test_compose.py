@@ -34,7 +34,7 @@ ENTRY_POINT_GROUP = "cuneiform.services"
 #: Compose services built from deploy/Dockerfile whose package does not exist yet. Their blocks are
 #: checked against the conventions (env prefix, ServiceSettings' fields) instead of a real settings
 #: class. Remove a name as soon as its package registers a `cuneiform.services` entry point.
-PLANNED_SERVICES = {"recorder"}
+PLANNED_SERVICES: set[str] = set()
 
 #: CUNEIFORM_* variables read outside the settings classes (cuneiform_core.settings reads it itself).
 ENV_OUTSIDE_SETTINGS = {"CUNEIFORM_ENV_FILE"}

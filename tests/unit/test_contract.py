@@ -91,7 +91,16 @@ def test_json_nulls_inside_environment_data_survive() -> None:
 def test_simple_llm_call_form_is_accepted_and_reads_as_chat() -> None:
     call = parse_event(
         json.dumps(
-            envelope(2, type="llm_call", step=1, call_id="c", model="m", system_prompt="S", user_prompt="U", response_text="R")
+            envelope(
+                2,
+                type="llm_call",
+                step=1,
+                call_id="c",
+                model="m",
+                system_prompt="S",
+                user_prompt="U",
+                response_text="R",
+            )
         )
     )
     assert isinstance(call, LlmCall)
@@ -136,18 +145,26 @@ def test_claim_check_is_recognised() -> None:
         (json.dumps(envelope(0, type="teleport")).encode(), "unknown event type 'teleport'"),
         (json.dumps(envelope(0, type="step", step="three")).encode(), "step: Input should be a valid integer"),
         (json.dumps(envelope(-1, type="step", step=0)).encode(), "seq: Input should be greater than or equal to 0"),
-        (json.dumps(envelope(0, type="step", step=0) | {"event_id": "nope"}).encode(), "event_id: Input should be a valid UUID"),
+        (
+            json.dumps(envelope(0, type="step", step=0) | {"event_id": "nope"}).encode(),
+            "event_id: Input should be a valid UUID",
+        ),
         (
             json.dumps(envelope(0, type="step", step=0) | {"occurred_at": "2026-11-24T10:30:00"}).encode(),
             "occurred_at: Input should have timezone info",
         ),
         (json.dumps(envelope(0, type="llm_call", step=0, call_id="c", model="m")).encode(), "needs either `messages`"),
         (json.dumps(envelope(0, type="reward", value="NaN")).encode(), "value"),
-        (json.dumps(envelope(0, type="trajectory_ended", status="done", event_count=1)).encode(), "status: Input should be"),
+        (
+            json.dumps(envelope(0, type="trajectory_ended", status="done", event_count=1)).encode(),
+            "status: Input should be",
+        ),
         (json.dumps(envelope(0, type="trajectory_ended", status="completed", event_count=0)).encode(), "event_count"),
         (json.dumps(envelope(0, type="trajectory_started")).encode(), "model: Field required"),
         (
-            json.dumps(envelope(0, type="llm_call", payload_ref={"bucket": "b", "name": "n", "sha256": "x", "size": 1})).encode(),
+            json.dumps(
+                envelope(0, type="llm_call", payload_ref={"bucket": "b", "name": "n", "sha256": "x", "size": 1})
+            ).encode(),
             "invalid claim check: payload_ref.sha256",
         ),
     ],

@@ -105,7 +105,7 @@ async def migrate(conn: asyncpg.Connection, schema: str, migrations: list[Migrat
     return applied_now
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def register_json_codecs(conn: asyncpg.Connection) -> None:
     # jsonb/json as Python values, encoded with orjson (several times faster than the stdlib).
     for typename in ("jsonb", "json"):
         await conn.set_type_codec(
@@ -125,7 +125,7 @@ async def create_pool(dsn: str, schema: str | None = None, **kwargs: Any) -> asy
     settings.setdefault("application_name", f"cuneiform-{schema or 'tool'}")
     pool = await asyncpg.create_pool(
         dsn,
-        init=_init_connection,
+        init=register_json_codecs,
         server_settings=settings,
         min_size=kwargs.pop("min_size", 1),
         max_size=kwargs.pop("max_size", 10),

@@ -1,5 +1,5 @@
-"""The one consumer loop every service uses: batch pulls from a durable JetStream consumer, through
-FastStream, with an explicit acknowledgement discipline.
+"""The one consumer loop every service uses: batch pulls from a durable JetStream consumer, on the
+service's FastStream broker connection, with an explicit acknowledgement discipline.
 
 For each fetched batch:
 
@@ -17,8 +17,8 @@ For each fetched batch:
    ``max_deliver`` attempts, dead-lettered with the error — so one poison message never blocks the
    stream and never takes the service down.
 
-FastStream's own ack policy is set to ``MANUAL``: its defaults either drop a message whose handler
-raised or ack it anyway. Handlers must be idempotent (keys made by producers, ``ON CONFLICT DO
+Acknowledgement is always explicit and always ours (FastStream's default policies either drop a
+message whose handler raised or ack it anyway). Handlers must be idempotent (keys made by producers, ``ON CONFLICT DO
 NOTHING``), since a crash between commit and ack redelivers.
 
 On shutdown the service stops fetching and waits (``graceful_timeout``) for the batch in hand to
@@ -35,14 +35,13 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import asyncpg
 import nats.errors
-from faststream import Context
-from faststream.middlewares import AckPolicy
-from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
@@ -119,9 +118,11 @@ DeadLetterHook = Callable[[DeadLetter], Awaitable[None]]
 
 @dataclass(frozen=True)
 class ConsumerOptions:
+    #: Most messages handled (and committed) together.
     batch_size: int = 500
-    #: Seconds to wait for a batch to fill before handling what has arrived.
-    fetch_timeout: float = 0.25
+    #: Seconds one fetch waits for the first message; also the longest a stop waits for an idle fetch.
+    #: Under load a fetch returns at once with whatever is pending, up to ``batch_size``.
+    max_wait: float = 1.0
     #: Seconds the server waits for an ack before redelivering; longer than the slowest commit.
     ack_wait: float = 60.0
     max_ack_pending: int = 20_000
@@ -176,16 +177,16 @@ class BatchConsumer(Generic[T]):
         self.options = options or ConsumerOptions()
         self._on_dead_letter = on_dead_letter
         self._broker: NatsBroker | None = None
+        self._subscription: JetStreamContext.PullSubscription | None = None
+        self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._consecutive_transient = 0
 
     # --- wiring ---------------------------------------------------------------------------------------
 
-    def attach(self, broker: NatsBroker) -> None:
-        """Register with the broker; consumption starts with ``broker.start()``."""
-        self._broker = broker
+    def consumer_config(self) -> ConsumerConfig:
         opts = self.options
-        config = ConsumerConfig(
+        return ConsumerConfig(
             durable_name=self.name,
             ack_policy=JsAckPolicy.EXPLICIT,
             ack_wait=opts.ack_wait,
@@ -198,27 +199,55 @@ class BatchConsumer(Generic[T]):
             filter_subject=self.subjects[0] if len(self.subjects) == 1 else None,
         )
 
-        async def on_batch(
-            body: Annotated[Any, Context("message.raw_message")],
-        ) -> None:
-            await self.process(list(body))
+    async def start(self, broker: NatsBroker) -> None:
+        """Create (or update) the durable consumer and start pulling on the broker's connection."""
+        self._broker = broker
+        self._stopping.clear()
+        js = broker.connection.jetstream()
+        await js.add_consumer(self.stream, self.consumer_config())
+        self._subscription = await js.pull_subscribe_bind(durable=self.name, stream=self.stream)
+        self._task = asyncio.create_task(self._pull(), name=f"consume-{self.name}")
 
-        subscriber = broker.subscriber(
-            self.subjects[0],
-            stream=JStream(name=self.stream, declare=False),
-            durable=self.name,
-            config=config,
-            pull_sub=PullSub(batch_size=opts.batch_size, timeout=opts.fetch_timeout, batch=True),
-            ack_policy=AckPolicy.MANUAL,
-            decoder=_raw_body,
-            no_reply=True,
-            title=f"{self.service}.{self.name}",
-        )
-        subscriber(on_batch)
-
-    def stop(self) -> None:
-        """Cut short any backoff pause so a graceful shutdown does not wait for it."""
+    async def stop(self, timeout: float) -> None:
+        """Stop fetching; let the batch in hand commit and ack (up to ``timeout``), then return."""
         self._stopping.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
+            log.warning("consumer.stop_timeout", consumer=self.name, timeout_s=timeout)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._subscription is not None:
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                await self._subscription.unsubscribe()
+        self._task = None
+
+    async def _pull(self) -> None:
+        # Our own fetch loop rather than FastStream's batch subscriber: in FastStream 0.7.8 a bare
+        # asyncio.TimeoutError from nats-py escapes that loop and the messages it had fetched wait
+        # out ack_wait before redelivery; here every fetched message is handled, also during a stop.
+        assert self._subscription is not None
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                msgs = await self._subscription.fetch(self.options.batch_size, timeout=self.options.max_wait)
+            except TimeoutError:  # nothing pending (nats.errors.TimeoutError is a TimeoutError too)
+                continue
+            except TRANSIENT_ERRORS as error:
+                failures += 1
+                delay = backoff_delay(failures, self.options.backoff_base, self.options.backoff_max)
+                log.warning("consumer.fetch_failed", consumer=self.name, error=repr(error), retry_in_s=round(delay, 2))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                continue
+            failures = 0
+            try:
+                await self.process(msgs)
+            except Exception as error:  # never let one batch end the loop; unacked messages come back
+                log.exception("consumer.batch_crashed", consumer=self.name, error=repr(error))
 
     # --- the loop body ---------------------------------------------------------------------------------
 
@@ -349,11 +378,6 @@ class BatchConsumer(Generic[T]):
         )
         MESSAGES.labels(self.service, self.name, "dead_lettered").inc()
         DEAD_LETTERS.labels(self.service, self.name, kind).inc()
-
-
-async def _raw_body(msg: Any) -> Any:
-    """FastStream decoder that leaves bodies as bytes: the service's own decoder does the parsing."""
-    return msg.body
 
 
 async def _quietly(awaitable: Awaitable[None]) -> None:

@@ -36,6 +36,7 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 CommandHandler = Callable[[dict[str, Any]], Awaitable[Any]]
+Timer = Callable[[], Awaitable[None]]
 
 
 class Service:
@@ -65,7 +66,8 @@ class Service:
         self.consumers: list[BatchConsumer[Any]] = []
         self._pool: asyncpg.Pool | None = None
         self._store: ObjectStore | None = None
-        self._lag_task: asyncio.Task[None] | None = None
+        self._periodic: list[tuple[str, float, Timer]] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._started = False
 
     # --- what handlers use -------------------------------------------------------------------------------
@@ -107,9 +109,19 @@ class Service:
             options=options,
             on_dead_letter=on_dead_letter,
         )
-        consumer.attach(self.broker)
         self.consumers.append(consumer)
         return consumer
+
+    def every(
+        self, seconds: float, name: str
+    ) -> Callable[[Callable[[], Awaitable[None]]], Callable[[], Awaitable[None]]]:
+        """Run ``fn`` every ``seconds`` while the service runs (timers: sweeps, re-publishing)."""
+
+        def register(fn: Timer) -> Timer:
+            self._periodic.append((name, seconds, fn))
+            return fn
+
+        return register
 
     def command(self, verb: str) -> Callable[[CommandHandler], CommandHandler]:
         """Answer requests on ``cmd.<service>.<verb>`` (JSON in, JSON out), one replica per request."""
@@ -149,7 +161,10 @@ class Service:
         log.info("service.topology", **streams)
         self.health.add_check("nats", self._nats_ok)
         await self.broker.start()
-        self._lag_task = asyncio.create_task(self._watch_lag())
+        for consumer in self.consumers:
+            await consumer.start(self.broker)
+        self._tasks = [asyncio.create_task(self._repeat("consumer-lag", 5.0, self._report_lag))]
+        self._tasks += [asyncio.create_task(self._repeat(*timer)) for timer in self._periodic]
         self._started = True
         UP.labels(self.name).set(1)
         log.info("service.ready", consumers=[c.name for c in self.consumers])
@@ -157,11 +172,14 @@ class Service:
     async def stop(self) -> None:
         UP.labels(self.name).set(0)
         log.info("service.stopping", graceful_timeout_s=self.settings.graceful_timeout)
+        # Consumers first: they stop fetching and commit and ack the batch in hand.
         for consumer in self.consumers:
-            consumer.stop()
-        if self._lag_task is not None:
-            self._lag_task.cancel()
-        # FastStream stops fetching, waits for in-flight handlers (graceful_timeout), then drains.
+            await consumer.stop(self.settings.graceful_timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        # Then FastStream's own subscribers (commands) finish within graceful_timeout, and NATS drains.
         await self.broker.stop()
         if self._pool is not None:
             await self._pool.close()
@@ -190,17 +208,22 @@ class Service:
     async def _nats_ok(self) -> bool:
         return bool(self.broker.connection.is_connected)
 
-    async def _watch_lag(self) -> None:
-        js = self.broker.connection.jetstream()
+    async def _repeat(self, name: str, seconds: float, fn: Timer) -> None:
         while True:
-            for consumer in self.consumers:
-                try:
-                    info = await js.consumer_info(consumer.stream, consumer.name)
-                except Exception:  # lag is best-effort telemetry; the consumer itself reports errors
-                    continue
-                CONSUMER_PENDING.labels(self.name, consumer.name).set(info.num_pending or 0)
-                CONSUMER_ACK_PENDING.labels(self.name, consumer.name).set(info.num_ack_pending or 0)
-            await asyncio.sleep(5.0)
+            await asyncio.sleep(seconds)
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a timer that fails once runs again next time
+                log.warning("service.timer_failed", timer=name, error=repr(error))
+
+    async def _report_lag(self) -> None:
+        js = self.broker.connection.jetstream()
+        for consumer in self.consumers:
+            info = await js.consumer_info(consumer.stream, consumer.name)
+            CONSUMER_PENDING.labels(self.name, consumer.name).set(info.num_pending or 0)
+            CONSUMER_ACK_PENDING.labels(self.name, consumer.name).set(info.num_ack_pending or 0)
 
 
 def run(service_factory: Callable[[], Service]) -> None:

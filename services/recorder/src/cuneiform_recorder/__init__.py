@@ -1,0 +1,1 @@
+"""The recorder: every agent event stored once in PostgreSQL, trajectories proven complete."""

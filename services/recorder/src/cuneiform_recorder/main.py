@@ -1,0 +1,218 @@
+"""The recorder service: TRAJECTORIES → PostgreSQL → ``pipeline.trajectory.completed``.
+
+The handler is thin: resolve claim checks, store the batch in one transaction, publish the
+completions it produced. The sweep timer finalizes trajectories whose grace periods ran out and
+re-publishes any completion a crash left unpublished (the event id is stable, so the stream drops a
+second copy: exactly one ``completed`` per trajectory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+import orjson
+from cuneiform_core.events import DeadLetter, TrajectoryCompleted, publish, stable_id
+from cuneiform_core.logging import get_logger
+from cuneiform_core.runtime import ConsumerOptions, Delivery, PermanentError
+from cuneiform_core.service import Service, run
+from cuneiform_core.settings import ConnectionSettings
+from cuneiform_core.topology import PAYLOADS_BUCKET, PIPELINE, TRAJECTORIES, TRAJECTORY_COMPLETED
+from cuneiform_sdk.contract import EVENT_TYPES, ClaimCheck, ContractError, Event, validate_message
+from nats.js.errors import NotFoundError
+from prometheus_client import Counter, Gauge, Histogram
+
+from .settings import RecorderSettings
+from .store import FINALIZED_COLUMNS, Finalized, Redactor, finalized_from, store_events
+
+log = get_logger(__name__)
+
+EVENTS = Counter("cuneiform_recorder_events_total", "Events by type and outcome", ["type", "outcome"])
+COMMIT_SECONDS = Histogram(
+    "cuneiform_recorder_commit_seconds",
+    "Time to write one batch in one transaction",
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+FINALIZED = Counter("cuneiform_recorder_trajectories_finalized_total", "Trajectories by final status", ["status"])
+RECORDING = Gauge("cuneiform_recorder_trajectories_recording", "Trajectories still waiting for events")
+
+
+def decode(delivery: Delivery) -> Event | ClaimCheck:
+    """Bytes → contract event; anything else raises with the reason the dead letter will carry."""
+    try:
+        data = orjson.loads(delivery.data)
+    except orjson.JSONDecodeError as error:
+        raise ContractError(f"malformed JSON: {error}") from None
+    return validate_message(data)
+
+
+class Recorder:
+    def __init__(self, settings: RecorderSettings, connection: ConnectionSettings | None = None) -> None:
+        self.settings = settings
+        self.service = Service(settings, connection, migrations="cuneiform_recorder.migrations")
+        self.redact = Redactor(settings.redact_patterns)
+        self.service.consume(
+            name="recorder",
+            stream=TRAJECTORIES,
+            decode=decode,
+            handle=self.handle,
+            options=ConsumerOptions(batch_size=settings.batch_size),
+            on_dead_letter=self.keep_dead_letter,
+        )
+        self.service.every(settings.sweep_interval_s, "sweep")(self.sweep)
+
+    # --- the hot path ----------------------------------------------------------------------------------
+
+    async def handle(self, items: Sequence[Event | ClaimCheck]) -> dict[int, str]:
+        rejected: dict[int, str] = {}
+        events: list[Event] = []
+        for index, item in enumerate(items):
+            if isinstance(item, ClaimCheck):
+                try:
+                    events.append(await self.resolve(item))
+                except PermanentError as error:
+                    rejected[index] = str(error)
+            else:
+                events.append(item)
+        started = datetime.now(UTC)
+        async with self.service.pool.acquire() as conn:
+            result = await store_events(conn, events, self.redact)
+        COMMIT_SECONDS.observe((datetime.now(UTC) - started).total_seconds())
+        for kind, counts in (("stored", result.stored), ("duplicate", result.duplicates)):
+            for event_type, count in counts.items():
+                EVENTS.labels(event_type, kind).inc(count)
+        await self.announce(result.finalized)
+        return rejected
+
+    async def resolve(self, claim: ClaimCheck) -> Event:
+        """Fetch a claim-checked body from the object store and prove it is the one announced."""
+        ref = claim.payload_ref
+        expected_bucket = self.service.topology.bucket(PAYLOADS_BUCKET)
+        if ref.bucket != expected_bucket:
+            raise PermanentError(f"claim check names bucket {ref.bucket!r}; payloads live in {expected_bucket!r}")
+        if ref.size > self.settings.max_claim_check_bytes:
+            raise PermanentError(
+                f"oversize: claim-checked event of {ref.size} bytes exceeds the recorder's limit of "
+                f"{self.settings.max_claim_check_bytes} (CUNEIFORM_RECORDER_MAX_CLAIM_CHECK_BYTES)"
+            )
+        js = self.service.broker.connection.jetstream()
+        try:
+            store = await js.object_store(ref.bucket)
+            body = (await store.get(ref.name)).data or b""
+        except NotFoundError:
+            raise PermanentError(f"claim check names object {ref.bucket}/{ref.name}, which does not exist") from None
+        digest = hashlib.sha256(body).hexdigest()
+        if digest != ref.sha256 or len(body) != ref.size:
+            raise PermanentError(
+                f"claim check digest mismatch: object {ref.bucket}/{ref.name} has sha256 {digest} and "
+                f"{len(body)} bytes, the event announced {ref.sha256} and {ref.size}"
+            )
+        try:
+            event = validate_message(orjson.loads(body))
+        except (orjson.JSONDecodeError, ContractError) as error:
+            raise PermanentError(f"claim-checked body is not a valid event: {error}") from None
+        if isinstance(event, ClaimCheck) or event.event_id != claim.event_id:
+            raise PermanentError("claim-checked body does not hold the event its claim check announced")
+        return event
+
+    # --- completions -----------------------------------------------------------------------------------
+
+    async def announce(self, finalized: list[Finalized]) -> None:
+        """Publish ``pipeline.trajectory.completed`` for each, then mark it published.
+
+        Runs after the commit; if NATS is unreachable now, the sweep publishes them later."""
+        if not finalized:
+            return
+        published = []
+        for f in finalized:
+            FINALIZED.labels(f.status).inc()
+            event = TrajectoryCompleted(
+                event_id=stable_id("trajectory.completed", f.trajectory_id),
+                trajectory_id=f.trajectory_id,
+                agent_id=f.agent_id,
+                scenario_id=f.scenario_id or "",
+                status=f.status,  # type: ignore[arg-type]
+                event_count=f.stored_events,
+                total_reward=f.total_reward,
+                model_name=f.model_name,
+                model_version=f.model_version,
+                deployment_id=f.deployment_id,
+            )
+            try:
+                await publish(
+                    self.service.broker,
+                    self.service.topology.subject(TRAJECTORY_COMPLETED),
+                    event,
+                    stream=self.service.topology.stream(PIPELINE),
+                )
+            except Exception as error:
+                log.warning("recorder.completion_deferred", trajectory_id=str(f.trajectory_id), error=repr(error))
+                continue
+            published.append(f.trajectory_id)
+        if published:
+            await self.service.pool.execute(
+                "UPDATE trajectories SET completion_published_at = now() WHERE trajectory_id = ANY($1::uuid[])",
+                published,
+            )
+
+    async def sweep(self) -> None:
+        """Finalize trajectories past their grace periods; publish completions a crash left behind."""
+        async with self.service.pool.acquire() as conn:
+            late = await conn.fetch(
+                f"""UPDATE trajectories SET
+                        status = CASE WHEN expected_events IS NULL THEN 'abandoned' ELSE 'incomplete' END,
+                        finalized_at = now()
+                    WHERE status = 'recording' AND (
+                        (expected_events IS NOT NULL AND last_event_at < now() - make_interval(secs => $1))
+                        OR (expected_events IS NULL AND last_event_at < now() - make_interval(secs => $2)))
+                    RETURNING {FINALIZED_COLUMNS}""",
+                self.settings.incomplete_after_s,
+                self.settings.abandoned_after_s,
+            )
+            unpublished = await conn.fetch(
+                f"""SELECT {FINALIZED_COLUMNS} FROM trajectories
+                    WHERE finalized_at IS NOT NULL AND completion_published_at IS NULL
+                      AND finalized_at < now() - interval '2 seconds'
+                    ORDER BY finalized_at LIMIT 1000"""
+            )
+            RECORDING.set(await conn.fetchval("SELECT count(*) FROM trajectories WHERE status = 'recording'"))
+        for f in finalized_from(late):
+            log.info("recorder.trajectory_finalized_late", trajectory_id=str(f.trajectory_id), status=f.status)
+        # Late ones were just finalized and are unpublished: announce them now with the stragglers.
+        await self.announce(finalized_from(late) + finalized_from(unpublished))
+
+    # --- dead letters ----------------------------------------------------------------------------------
+
+    async def keep_dead_letter(self, letter: DeadLetter) -> None:
+        """Also keep dead letters next to the data, where operators query them with SQL."""
+        try:
+            await self.service.pool.execute(
+                """INSERT INTO dead_letters (dead_letter_id, consumer, kind, reason, subject, stream_seq, msg_id,
+                       headers, payload, failed_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING""",
+                letter.event_id,
+                letter.consumer,
+                letter.kind,
+                letter.reason,
+                letter.subject,
+                letter.stream_seq,
+                letter.msg_id,
+                letter.headers,
+                letter.payload,
+                letter.occurred_at,
+            )
+        except (asyncpg.PostgresError, OSError) as error:
+            # The DLQ stream already holds it; the table is the convenient copy.
+            log.warning("recorder.dead_letter_table_write_failed", error=repr(error))
+        event_type = letter.subject.rsplit(".", 1)[-1]
+        EVENTS.labels(event_type if event_type in EVENT_TYPES else "unknown", "dead_lettered").inc()
+
+
+def build(settings: RecorderSettings | None = None, connection: ConnectionSettings | None = None) -> Service:
+    return Recorder(settings or RecorderSettings(), connection).service
+
+
+def main() -> None:
+    run(build)

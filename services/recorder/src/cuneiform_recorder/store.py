@@ -1,0 +1,370 @@
+"""Writing a batch of events: one transaction, one statement per table, idempotent by event id.
+
+The ledger insert (``events``) tells which events are new; only those go on to the typed tables and
+to the trajectory's ``stored_events`` count, so a redelivered or republished event changes nothing.
+Each table is written with a single ``INSERT … SELECT FROM unnest(…)`` — one round trip however large
+the batch — and trajectory rows are upserted in key order so concurrent replicas cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+from cuneiform_sdk.contract import (
+    Action,
+    Envelope,
+    Event,
+    LlmCall,
+    ProviderAccess,
+    Reward,
+    Step,
+    TrajectoryEnded,
+    TrajectoryStarted,
+)
+
+REDACTED = "[REDACTED]"
+
+
+class Redactor:
+    """Replaces secrets in every string of a JSON value; a no-op without patterns."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        joined = "|".join(f"(?:{p})" for p in patterns)
+        self._pattern = re.compile(joined) if joined else None
+
+    def __call__(self, value: Any) -> Any:
+        if self._pattern is None or value is None:
+            return value
+        if isinstance(value, str):
+            return self._pattern.sub(REDACTED, value)
+        if isinstance(value, list):
+            return [self(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self(v) for k, v in value.items()}
+        return value
+
+
+@dataclass(frozen=True)
+class Finalized:
+    """A trajectory that just reached its final status (published as pipeline.trajectory.completed)."""
+
+    trajectory_id: UUID
+    agent_id: str
+    scenario_id: str | None
+    status: str
+    stored_events: int
+    total_reward: float | None
+    model_name: str | None
+    model_version: str | None
+    deployment_id: str | None
+
+
+@dataclass
+class StoreResult:
+    stored: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    finalized: list[Finalized] = field(default_factory=list)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _unnest(columns: str, types: str, rows: Sequence[tuple[Any, ...]]) -> tuple[str, list[list[Any]]]:
+    """``SELECT … FROM unnest($1::t1[], …)`` and its array arguments, one array per column.
+
+    jsonb values travel as JSON text and are cast back in SQL: handed to asyncpg as Python lists
+    inside an array they would be read as extra array dimensions.
+    """
+    names = [c.strip() for c in columns.split(",")]
+    kinds = types.split()
+    arrays = [list(column) for column in zip(*rows, strict=True)]
+    for n, kind in enumerate(kinds):
+        if kind == "jsonb":
+            arrays[n] = [_json(v) for v in arrays[n]]
+    params = ", ".join(f"${n}::{'text' if k == 'jsonb' else k}[]" for n, k in enumerate(kinds, start=1))
+    select = ", ".join(f"{name}::jsonb" if kind == "jsonb" else name for name, kind in zip(names, kinds, strict=True))
+    return f"SELECT {select} FROM unnest({params}) AS u({columns})", arrays
+
+
+async def _insert(conn: asyncpg.Connection, table: str, columns: str, types: str, rows: list[tuple[Any, ...]]) -> None:
+    if not rows:
+        return
+    select, arrays = _unnest(columns, types, rows)
+    await conn.execute(f"INSERT INTO {table} ({columns}) {select} ON CONFLICT DO NOTHING", *arrays)
+
+
+def _extra(event: Envelope) -> dict[str, Any] | None:
+    return dict(event.model_extra) if event.model_extra else None
+
+
+FINALIZED_COLUMNS = ", ".join(
+    (
+        "trajectory_id",
+        "agent_id",
+        "scenario_id",
+        "status",
+        "stored_events",
+        "total_reward",
+        "model_name",
+        "model_version",
+        "deployment_id",
+    )
+)
+
+
+def finalized_from(rows: Iterable[asyncpg.Record]) -> list[Finalized]:
+    return [Finalized(**dict(row)) for row in rows]
+
+
+async def store_events(conn: asyncpg.Connection, batch: Sequence[Event], redact: Redactor) -> StoreResult:
+    result = StoreResult()
+    unique: dict[UUID, Event] = {}
+    for event in batch:
+        if event.event_id in unique:
+            result.duplicates[event.type] += 1
+        else:
+            unique[event.event_id] = event
+    events = list(unique.values())
+    async with conn.transaction():
+        columns = "event_id, trajectory_id, seq, type, occurred_at"
+        select, arrays = _unnest(
+            columns,
+            "uuid uuid int text timestamptz",
+            [(e.event_id, e.trajectory_id, e.seq, e.type, e.occurred_at) for e in events],
+        )
+        inserted = await conn.fetch(
+            f"INSERT INTO events ({columns}) {select} ON CONFLICT DO NOTHING RETURNING event_id", *arrays
+        )
+        new_ids = {row["event_id"] for row in inserted}
+        fresh = [e for e in events if e.event_id in new_ids]
+        for event in events:
+            (result.stored if event.event_id in new_ids else result.duplicates)[event.type] += 1
+        if not fresh:
+            return result
+        await _write_typed(conn, fresh, redact)
+        result.finalized = await _update_trajectories(conn, fresh)
+    return result
+
+
+async def _write_typed(conn: asyncpg.Connection, events: list[Event], redact: Redactor) -> None:
+    steps, calls, accesses, actions, rewards = [], [], [], [], []
+    for e in events:
+        if isinstance(e, Step):
+            steps.append(
+                (e.event_id, e.trajectory_id, e.seq, e.step, e.occurred_at, e.environment, e.observation, _extra(e))
+            )
+        elif isinstance(e, LlmCall):
+            messages, response = e.chat()
+            calls.append(
+                (
+                    e.event_id,
+                    e.trajectory_id,
+                    e.seq,
+                    e.step,
+                    e.call_id,
+                    e.occurred_at,
+                    e.model,
+                    e.purpose,
+                    redact([m.model_dump(mode="json", exclude_none=True) for m in messages]),
+                    e.tools,
+                    redact(response.model_dump(mode="json", exclude_none=True)),
+                    redact(e.reasoning),
+                    e.params,
+                    e.usage.prompt_tokens if e.usage else None,
+                    e.usage.completion_tokens if e.usage else None,
+                    e.latency_ms,
+                    e.logprobs,
+                    _extra(e),
+                )
+            )
+        elif isinstance(e, ProviderAccess):
+            accesses.append(
+                (
+                    e.event_id,
+                    e.trajectory_id,
+                    e.seq,
+                    e.step,
+                    e.occurred_at,
+                    e.provider,
+                    e.provider_id,
+                    redact(e.query),
+                    redact(e.data),
+                    e.purpose,
+                    _extra(e),
+                )
+            )
+        elif isinstance(e, Action):
+            actions.append(
+                (
+                    e.event_id,
+                    e.trajectory_id,
+                    e.seq,
+                    e.step,
+                    e.occurred_at,
+                    e.action_type,
+                    e.parameters,
+                    e.success,
+                    e.result,
+                    e.error,
+                    e.llm_call_id,
+                    e.reward,
+                    _extra(e),
+                )
+            )
+        elif isinstance(e, Reward):
+            rewards.append(
+                (
+                    e.event_id,
+                    e.trajectory_id,
+                    e.seq,
+                    e.step,
+                    e.occurred_at,
+                    e.source,
+                    e.name,
+                    e.value,
+                    e.reason,
+                    _extra(e),
+                )
+            )
+    await _insert(
+        conn,
+        "steps",
+        "event_id, trajectory_id, seq, step, occurred_at, environment, observation, extra",
+        "uuid uuid int int timestamptz jsonb jsonb jsonb",
+        steps,
+    )
+    await _insert(
+        conn,
+        "llm_calls",
+        "event_id, trajectory_id, seq, step, call_id, occurred_at, model, purpose, messages, tools, response, "
+        "reasoning, params, prompt_tokens, completion_tokens, latency_ms, logprobs, extra",
+        "uuid uuid int int text timestamptz text text jsonb jsonb jsonb text jsonb int int float8 jsonb jsonb",
+        calls,
+    )
+    await _insert(
+        conn,
+        "provider_accesses",
+        "event_id, trajectory_id, seq, step, occurred_at, provider, provider_id, query, data, purpose, extra",
+        "uuid uuid int int timestamptz text text jsonb jsonb text jsonb",
+        accesses,
+    )
+    await _insert(
+        conn,
+        "actions",
+        "event_id, trajectory_id, seq, step, occurred_at, action_type, parameters, success, result, error, "
+        "llm_call_id, reward, extra",
+        "uuid uuid int int timestamptz text jsonb bool jsonb text text float8 jsonb",
+        actions,
+    )
+    await _insert(
+        conn,
+        "rewards",
+        "event_id, trajectory_id, seq, step, occurred_at, source, name, value, reason, extra",
+        "uuid uuid int int timestamptz text text float8 text jsonb",
+        rewards,
+    )
+
+
+@dataclass
+class _TrajectoryUpdate:
+    agent_id: str
+    new_events: int = 0
+    started: TrajectoryStarted | None = None
+    ended: TrajectoryEnded | None = None
+
+
+async def _update_trajectories(conn: asyncpg.Connection, events: list[Event]) -> list[Finalized]:
+    updates: dict[UUID, _TrajectoryUpdate] = {}
+    for e in events:
+        update = updates.setdefault(e.trajectory_id, _TrajectoryUpdate(agent_id=e.agent_id))
+        update.new_events += 1
+        if isinstance(e, TrajectoryStarted):
+            update.started = e
+        elif isinstance(e, TrajectoryEnded):
+            update.ended = e
+    rows = []
+    for trajectory_id in sorted(updates):  # one lock order for every replica: no deadlocks
+        u = updates[trajectory_id]
+        s, d = u.started, u.ended
+        rows.append(
+            (
+                trajectory_id,
+                u.agent_id,
+                s.scenario_id if s else None,
+                s.episode_id if s else None,
+                s.model.name if s else None,
+                s.model.version if s else None,
+                s.model.deployment_id if s else None,
+                s.model.variant if s else None,
+                s.environment if s else None,
+                s.metadata if s else None,
+                s.occurred_at if s else None,
+                d.occurred_at if d else None,
+                d.status if d else None,
+                d.total_reward if d else None,
+                d.metrics if d else None,
+                d.environment if d else None,
+                d.error if d else None,
+                d.event_count if d else None,
+                u.new_events,
+            )
+        )
+    columns = (
+        "trajectory_id, agent_id, scenario_id, episode_id, model_name, model_version, deployment_id, variant, "
+        "environment, metadata, started_at, ended_at, end_status, total_reward, metrics, final_environment, error, "
+        "expected_events, stored_events"
+    )
+    select, arrays = _unnest(
+        columns,
+        "uuid text text text text text text text jsonb jsonb timestamptz timestamptz text float8 jsonb jsonb text "
+        "int int",
+        rows,
+    )
+    touched = await conn.fetch(
+        f"""INSERT INTO trajectories AS t ({columns}) {select}
+           ON CONFLICT (trajectory_id) DO UPDATE SET
+               scenario_id = COALESCE(EXCLUDED.scenario_id, t.scenario_id),
+               episode_id = COALESCE(EXCLUDED.episode_id, t.episode_id),
+               model_name = COALESCE(EXCLUDED.model_name, t.model_name),
+               model_version = COALESCE(EXCLUDED.model_version, t.model_version),
+               deployment_id = COALESCE(EXCLUDED.deployment_id, t.deployment_id),
+               variant = COALESCE(EXCLUDED.variant, t.variant),
+               environment = COALESCE(EXCLUDED.environment, t.environment),
+               metadata = COALESCE(EXCLUDED.metadata, t.metadata),
+               started_at = COALESCE(EXCLUDED.started_at, t.started_at),
+               ended_at = COALESCE(EXCLUDED.ended_at, t.ended_at),
+               end_status = COALESCE(EXCLUDED.end_status, t.end_status),
+               total_reward = COALESCE(EXCLUDED.total_reward, t.total_reward),
+               metrics = COALESCE(EXCLUDED.metrics, t.metrics),
+               final_environment = COALESCE(EXCLUDED.final_environment, t.final_environment),
+               error = COALESCE(EXCLUDED.error, t.error),
+               expected_events = COALESCE(EXCLUDED.expected_events, t.expected_events),
+               stored_events = t.stored_events + EXCLUDED.stored_events,
+               last_event_at = now()
+           RETURNING trajectory_id, status, stored_events, expected_events""",
+        *arrays,
+    )
+    complete = [
+        r["trajectory_id"]
+        for r in touched
+        if r["status"] == "recording"
+        and r["expected_events"] is not None
+        and r["stored_events"] >= r["expected_events"]
+    ]
+    if not complete:
+        return []
+    finalized = await conn.fetch(
+        f"""UPDATE trajectories SET status = end_status, finalized_at = now()
+            WHERE trajectory_id = ANY($1::uuid[]) AND status = 'recording'
+            RETURNING {FINALIZED_COLUMNS}""",
+        complete,
+    )
+    return finalized_from(finalized)
