@@ -25,7 +25,9 @@ from .contract import (
     parse_event,
     validate_event,
 )
+from .recorder import Recorder, TrajectoryRecording
 from .subjects import agent_token, trajectory_subject
+from .sync import SyncRecorder
 
 __all__ = [
     "CONTRACT_VERSION",
@@ -40,10 +42,13 @@ __all__ = [
     "ModelRef",
     "PayloadRef",
     "ProviderAccess",
+    "Recorder",
     "Reward",
     "Step",
+    "SyncRecorder",
     "ToolCall",
     "TrajectoryEnded",
+    "TrajectoryRecording",
     "TrajectoryStarted",
     "agent_token",
     "dump_event",
