@@ -59,6 +59,9 @@ format: install ## Format and auto-fix
 schema: install ## Regenerate the committed JSON Schema of the event contract
 	@$(RUN) python -m cuneiform_sdk.schema
 
+bench: install ## Recorder benchmark: drain rate vs. ceilings and a naive baseline, latency, SDK cost (ARGS=...)
+	@$(RUN) python bench/recorder_bench.py $(ARGS)
+
 up: ## Start the compose stack (needs Docker): NATS, PostgreSQL, MinIO, Prometheus, Grafana, services
 	docker compose up -d --build
 

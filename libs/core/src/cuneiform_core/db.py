@@ -105,13 +105,23 @@ async def migrate(conn: asyncpg.Connection, schema: str, migrations: list[Migrat
     return applied_now
 
 
+class RawJson(str):
+    """JSON text that is already encoded: written to a json/jsonb parameter as it is."""
+
+    __slots__ = ()
+
+
+def encode_json(value: Any) -> str:
+    return value if isinstance(value, RawJson) else orjson.dumps(value).decode()
+
+
 async def register_json_codecs(conn: asyncpg.Connection) -> None:
     # jsonb/json as Python values, encoded with orjson (several times faster than the stdlib).
     for typename in ("jsonb", "json"):
         await conn.set_type_codec(
             typename,
             schema="pg_catalog",
-            encoder=lambda value: orjson.dumps(value).decode(),
+            encoder=encode_json,
             decoder=orjson.loads,
             format="text",
         )

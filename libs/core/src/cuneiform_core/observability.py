@@ -68,6 +68,8 @@ class HealthServer:
         self._registry = registry
         self._checks: dict[str, ReadinessCheck] = {}
         self._server: asyncio.Server | None = None
+        #: Set by the service once start-up is complete; /readyz is 503 until then.
+        self.started = False
 
     @property
     def port(self) -> int:
@@ -88,7 +90,7 @@ class HealthServer:
             self._server = None
 
     async def readiness(self) -> dict[str, bool]:
-        results = {}
+        results = {"started": self.started}
         for name, check in self._checks.items():
             try:
                 results[name] = await asyncio.wait_for(check(), timeout=2.0)

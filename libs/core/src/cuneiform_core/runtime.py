@@ -34,7 +34,7 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 import asyncpg
@@ -80,34 +80,42 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-@dataclass(frozen=True)
 class Delivery:
-    """One message as a decoder sees it."""
+    """One message as a decoder sees it. The JetStream metadata (parsed from the reply subject) is
+    read only when needed — for dead letters and retries, not on the hot path."""
 
-    subject: str
-    data: bytes
-    headers: Mapping[str, str]
-    stream: str
-    stream_seq: int
-    num_delivered: int
-    raw: Msg = field(repr=False, compare=False)
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: Msg) -> None:
+        self.raw = raw
+
+    @property
+    def subject(self) -> str:
+        return self.raw.subject
+
+    @property
+    def data(self) -> bytes:
+        return self.raw.data
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.raw.headers or {}
 
     @property
     def msg_id(self) -> str | None:
         return self.headers.get("Nats-Msg-Id")
 
-    @classmethod
-    def of(cls, msg: Msg) -> Delivery:
-        meta = msg.metadata
-        return cls(
-            subject=msg.subject,
-            data=msg.data,
-            headers=dict(msg.headers or {}),
-            stream=meta.stream,
-            stream_seq=meta.sequence.stream,
-            num_delivered=meta.num_delivered,
-            raw=msg,
-        )
+    @property
+    def stream(self) -> str:
+        return self.raw.metadata.stream
+
+    @property
+    def stream_seq(self) -> int:
+        return self.raw.metadata.sequence.stream
+
+    @property
+    def num_delivered(self) -> int:
+        return self.raw.metadata.num_delivered
 
 
 Decoder = Callable[[Delivery], T]
@@ -123,6 +131,9 @@ class ConsumerOptions:
     #: Seconds one fetch waits for the first message; also the longest a stop waits for an idle fetch.
     #: Under load a fetch returns at once with whatever is pending, up to ``batch_size``.
     max_wait: float = 1.0
+    #: Batches handled at once. Above 1, the next batch is fetched and decoded while the previous one
+    #: commits (the handler must then tolerate concurrent calls, as idempotent writes do).
+    concurrency: int = 1
     #: Seconds the server waits for an ack before redelivering; longer than the slowest commit.
     ack_wait: float = 60.0
     max_ack_pending: int = 20_000
@@ -231,7 +242,11 @@ class BatchConsumer(Generic[T]):
         # out ack_wait before redelivery; here every fetched message is handled, also during a stop.
         assert self._subscription is not None
         failures = 0
+        in_flight: set[asyncio.Task[None]] = set()
         while not self._stopping.is_set():
+            if len(in_flight) >= self.options.concurrency:
+                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                continue
             try:
                 msgs = await self._subscription.fetch(self.options.batch_size, timeout=self.options.max_wait)
             except TimeoutError:  # nothing pending (nats.errors.TimeoutError is a TimeoutError too)
@@ -244,10 +259,18 @@ class BatchConsumer(Generic[T]):
                     await asyncio.wait_for(self._stopping.wait(), timeout=delay)
                 continue
             failures = 0
-            try:
-                await self.process(msgs)
-            except Exception as error:  # never let one batch end the loop; unacked messages come back
-                log.exception("consumer.batch_crashed", consumer=self.name, error=repr(error))
+            task = asyncio.create_task(self._process_safely(msgs))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        # Stopping: every fetched message is still handled, committed and acked before we return.
+        if in_flight:
+            await asyncio.gather(*in_flight)
+
+    async def _process_safely(self, msgs: list[Msg]) -> None:
+        try:
+            await self.process(msgs)
+        except Exception as error:  # never let one batch end the loop; unacked messages come back
+            log.exception("consumer.batch_crashed", consumer=self.name, error=repr(error))
 
     # --- the loop body ---------------------------------------------------------------------------------
 
@@ -257,7 +280,7 @@ class BatchConsumer(Generic[T]):
         items: list[T] = []
         deliveries: list[Delivery] = []
         for msg in msgs:
-            delivery = Delivery.of(msg)
+            delivery = Delivery(msg)
             try:
                 items.append(self._decode(delivery))
                 deliveries.append(delivery)

@@ -166,11 +166,13 @@ class Service:
         self._tasks = [asyncio.create_task(self._repeat("consumer-lag", 5.0, self._report_lag))]
         self._tasks += [asyncio.create_task(self._repeat(*timer)) for timer in self._periodic]
         self._started = True
+        self.health.started = True
         UP.labels(self.name).set(1)
         log.info("service.ready", consumers=[c.name for c in self.consumers])
 
     async def stop(self) -> None:
         UP.labels(self.name).set(0)
+        self.health.started = False
         log.info("service.stopping", graceful_timeout_s=self.settings.graceful_timeout)
         # Consumers first: they stop fetching and commit and ack the batch in hand.
         for consumer in self.consumers:

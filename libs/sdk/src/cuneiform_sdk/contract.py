@@ -119,7 +119,7 @@ class Envelope(_Model):
     """Fields every event carries. ``event_id`` is made by the producer and is the dedupe key
     end to end (``Nats-Msg-Id`` header, primary keys); ``seq`` orders events within a trajectory."""
 
-    v: Literal[1] = 1
+    v: Literal[1]
     event_id: UUID
     type: EventType
     trajectory_id: UUID
@@ -332,8 +332,16 @@ def validate_message(data: Any) -> Event | ClaimCheck:
 
 
 def parse_event(raw: bytes | str) -> Event | ClaimCheck:
-    """Decode and validate one message body."""
-    import json  # stdlib keeps the SDK light; services decode with orjson and call validate_message
+    """Decode and validate one message body.
+
+    The common case — a valid full event — is parsed and validated in one pass by pydantic-core;
+    anything else takes the slower path that explains exactly what is wrong.
+    """
+    try:
+        return _event_adapter.validate_json(raw)
+    except ValidationError:
+        pass
+    import json  # stdlib keeps the SDK light
 
     try:
         data = json.loads(raw)

@@ -80,6 +80,23 @@ class _Queued:
     is_end: bool
 
 
+async def _cancel(task: asyncio.Task[None], limit: float = 5.0) -> None:
+    """Cancel ``task`` and wait for it to end, cancelling again as needed.
+
+    One cancel is not always enough: on Python 3.11, ``asyncio.wait_for`` loses a cancellation that
+    arrives as its inner call finishes (gh-86296), and nats-py's connect loop, which wraps every dial
+    in one, then just dials again — forever while the server is down. Cancelled again at its next
+    await, it ends.
+    """
+    deadline = time.monotonic() + limit
+    while not task.done() and time.monotonic() < deadline:
+        task.cancel()
+        await asyncio.wait([task], timeout=0.05)
+    if task.done() and not task.cancelled():
+        with contextlib.suppress(Exception):
+            task.result()  # retrieved, so asyncio does not log it as never retrieved
+
+
 class PublishRejectedError(Exception):
     """The server answered a publish with a status instead of an ack (503: no stream for the subject)."""
 
@@ -189,9 +206,7 @@ class Publisher:
         self._closed = True
         for task in (self._task, self._connect_task):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await _cancel(task)
         for future in self._acks.values():
             future.cancel()
         self._acks.clear()

@@ -309,6 +309,7 @@ class TrajectoryRecording:
         # ``seq`` is taken only once the event is built and handed over (``_emit``): a call with
         # invalid arguments raises without leaving a gap that would keep the trajectory incomplete.
         return {
+            "v": 1,
             "event_id": uuid7(),
             "trajectory_id": self.trajectory_id,
             "agent_id": self.agent_id,

@@ -20,7 +20,7 @@ from cuneiform_core.runtime import ConsumerOptions, Delivery, PermanentError
 from cuneiform_core.service import Service, run
 from cuneiform_core.settings import ConnectionSettings
 from cuneiform_core.topology import PAYLOADS_BUCKET, PIPELINE, TRAJECTORIES, TRAJECTORY_COMPLETED
-from cuneiform_sdk.contract import EVENT_TYPES, ClaimCheck, ContractError, Event, validate_message
+from cuneiform_sdk.contract import EVENT_TYPES, ClaimCheck, ContractError, Event, parse_event, validate_message
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -41,11 +41,7 @@ RECORDING = Gauge("cuneiform_recorder_trajectories_recording", "Trajectories sti
 
 def decode(delivery: Delivery) -> Event | ClaimCheck:
     """Bytes → contract event; anything else raises with the reason the dead letter will carry."""
-    try:
-        data = orjson.loads(delivery.data)
-    except orjson.JSONDecodeError as error:
-        raise ContractError(f"malformed JSON: {error}") from None
-    return validate_message(data)
+    return parse_event(delivery.data)
 
 
 class Recorder:
@@ -58,7 +54,7 @@ class Recorder:
             stream=TRAJECTORIES,
             decode=decode,
             handle=self.handle,
-            options=ConsumerOptions(batch_size=settings.batch_size),
+            options=ConsumerOptions(batch_size=settings.batch_size, concurrency=settings.concurrency),
             on_dead_letter=self.keep_dead_letter,
         )
         self.service.every(settings.sweep_interval_s, "sweep")(self.sweep)

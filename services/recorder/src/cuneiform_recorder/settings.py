@@ -10,7 +10,7 @@ from pydantic_settings import SettingsConfigDict
 DEFAULT_REDACTIONS = [
     r"sk-[A-Za-z0-9_-]{20,}",
     r"AKIA[0-9A-Z]{16}",
-    r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
+    r'-----BEGIN [A-Z ]*PRIVATE KEY-----[^"]*?-----END [A-Z ]*PRIVATE KEY-----',
 ]
 
 
@@ -22,6 +22,8 @@ class RecorderSettings(ServiceSettings):
 
     #: Events per fetch and per database transaction.
     batch_size: int = Field(default=1000, ge=1, le=10_000)
+    #: Batches in flight at once: the next is fetched and decoded while the previous one commits.
+    concurrency: int = Field(default=2, ge=1, le=16)
     #: A trajectory whose end arrived but whose events are still missing after this many seconds
     #: is marked ``incomplete`` (never trained on).
     incomplete_after_s: float = Field(default=300.0, gt=0)
@@ -32,6 +34,7 @@ class RecorderSettings(ServiceSettings):
     #: Largest claim-checked event body accepted (bytes).
     max_claim_check_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     #: Regular expressions whose matches in LLM calls and provider data are replaced by [REDACTED].
+    #: They run over the JSON text of each value, so a pattern must not match a double quote.
     redact_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACTIONS))
     #: Database connections (each batch uses one).
     pool_size: int = Field(default=4, ge=1)

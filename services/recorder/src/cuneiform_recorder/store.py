@@ -17,6 +17,7 @@ from uuid import UUID
 
 import asyncpg
 import orjson
+from cuneiform_core.db import RawJson, encode_json
 from cuneiform_sdk.contract import (
     Action,
     Envelope,
@@ -33,22 +34,26 @@ REDACTED = "[REDACTED]"
 
 
 class Redactor:
-    """Replaces secrets in every string of a JSON value; a no-op without patterns."""
+    """Replaces secrets before they are stored.
+
+    Patterns run over the JSON text of a value, once per value rather than once per string inside
+    it; so a pattern must not match a double quote (it would cut across JSON strings).
+    """
 
     def __init__(self, patterns: Iterable[str]) -> None:
         joined = "|".join(f"(?:{p})" for p in patterns)
         self._pattern = re.compile(joined) if joined else None
 
-    def __call__(self, value: Any) -> Any:
-        if self._pattern is None or value is None:
+    def json(self, value: Any) -> RawJson | None:
+        if value is None:
+            return None
+        text = orjson.dumps(value).decode()
+        return RawJson(self._pattern.sub(REDACTED, text) if self._pattern else text)
+
+    def text(self, value: str | None) -> str | None:
+        if value is None or self._pattern is None:
             return value
-        if isinstance(value, str):
-            return self._pattern.sub(REDACTED, value)
-        if isinstance(value, list):
-            return [self(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self(v) for k, v in value.items()}
-        return value
+        return self._pattern.sub(REDACTED, value)
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,6 @@ class StoreResult:
     finalized: list[Finalized] = field(default_factory=list)
 
 
-def _json(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
-
-
 def _unnest(columns: str, types: str, rows: Sequence[tuple[Any, ...]]) -> tuple[str, list[list[Any]]]:
     """``SELECT … FROM unnest($1::t1[], …)`` and its array arguments, one array per column.
 
@@ -88,7 +89,7 @@ def _unnest(columns: str, types: str, rows: Sequence[tuple[Any, ...]]) -> tuple[
     arrays = [list(column) for column in zip(*rows, strict=True)]
     for n, kind in enumerate(kinds):
         if kind == "jsonb":
-            arrays[n] = [_json(v) for v in arrays[n]]
+            arrays[n] = [None if v is None else encode_json(v) for v in arrays[n]]
     params = ", ".join(f"${n}::{'text' if k == 'jsonb' else k}[]" for n, k in enumerate(kinds, start=1))
     select = ", ".join(f"{name}::jsonb" if kind == "jsonb" else name for name, kind in zip(names, kinds, strict=True))
     return f"SELECT {select} FROM unnest({params}) AS u({columns})", arrays
@@ -173,10 +174,10 @@ async def _write_typed(conn: asyncpg.Connection, events: list[Event], redact: Re
                     e.occurred_at,
                     e.model,
                     e.purpose,
-                    redact([m.model_dump(mode="json", exclude_none=True) for m in messages]),
+                    redact.json([m.model_dump(mode="json", exclude_none=True) for m in messages]),
                     e.tools,
-                    redact(response.model_dump(mode="json", exclude_none=True)),
-                    redact(e.reasoning),
+                    redact.json(response.model_dump(mode="json", exclude_none=True)),
+                    redact.text(e.reasoning),
                     e.params,
                     e.usage.prompt_tokens if e.usage else None,
                     e.usage.completion_tokens if e.usage else None,
@@ -195,8 +196,8 @@ async def _write_typed(conn: asyncpg.Connection, events: list[Event], redact: Re
                     e.occurred_at,
                     e.provider,
                     e.provider_id,
-                    redact(e.query),
-                    redact(e.data),
+                    redact.json(e.query),
+                    redact.json(e.data),
                     e.purpose,
                     _extra(e),
                 )

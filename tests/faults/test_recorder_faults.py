@@ -1,0 +1,563 @@
+"""The recorder under faults, against real NATS and PostgreSQL: a SIGKILL in the middle of a drain, and
+a database that goes away for ten seconds while agents keep publishing. After each, every event is
+stored exactly once, every trajectory is complete and announced exactly once, and nothing was
+dead-lettered."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+import nats.errors
+import pytest
+from cuneiform_core.settings import ConnectionSettings
+from cuneiform_core.topology import DLQ, PIPELINE, TRAJECTORIES, TRAJECTORY_COMPLETED, Topology, ensure_topology
+from cuneiform_sdk.subjects import trajectory_subject
+from cuneiform_stack.launcher import ServerRecord
+from cuneiform_stack.postgres import PostgresLauncher
+from cuneiform_stack.process import LOOPBACK, PortAllocator, ServerLog, http_status
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from tests.support import eventually, query, scalar
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+#: Events per trajectory: started, 2 x (step, llm_call, action, reward), ended.
+EVENTS_PER_TRAJECTORY = 10
+STEPS = 2
+#: JetStream storage for the test's namespace: 20,000 events of up to 4 KB need more than the default.
+STORAGE_GIB = 0.25
+
+_WORDS = (
+    "ACME",
+    "opened",
+    "at",
+    "12.50,",
+    "volume",
+    "rising;",
+    "analysts",
+    "expect",
+    "a",
+    "rebound",
+    "after",
+    "earnings",
+)
+
+
+# --- events, as an agent in any language would publish them ------------------------------------------------
+
+
+def _event(trajectory_id: uuid.UUID, agent: str, seq: int, event_type: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "v": 1,
+        "event_id": str(uuid.uuid4()),
+        "type": event_type,
+        "trajectory_id": str(trajectory_id),
+        "agent_id": agent,
+        "seq": seq,
+        "occurred_at": datetime.now(UTC).isoformat(),
+        **fields,
+    }
+
+
+def _prose(rng: random.Random, size: int) -> str:
+    words: list[str] = []
+    length = 0
+    while length < size:
+        word = rng.choice(_WORDS)
+        words.append(word)
+        length += len(word) + 1
+    return " ".join(words)[:size]
+
+
+def trajectory(rng: random.Random, agent: str) -> list[dict[str, Any]]:
+    """One whole episode: its llm_calls carry a 2-4 KB prompt each, as real ones do."""
+    tid = uuid.uuid4()
+    events = [
+        _event(
+            tid,
+            agent,
+            0,
+            "trajectory_started",
+            scenario_id=f"market-{rng.randrange(5)}",
+            model={"name": "policy", "version": "v7", "deployment_id": "d1"},
+            environment={"cash": 1000},
+        )
+    ]
+    total = 0.0
+    for step in range(STEPS):
+        seq = len(events)
+        call_id = f"call-{step}"
+        reward = round(rng.uniform(-1, 1), 3)
+        total += reward
+        events += [
+            _event(tid, agent, seq, "step", step=step, environment={"cash": 1000 - step}, observation=f"tick {step}"),
+            _event(
+                tid,
+                agent,
+                seq + 1,
+                "llm_call",
+                step=step,
+                call_id=call_id,
+                model="policy-v7",
+                messages=[
+                    {"role": "system", "content": "You trade ACME. Answer with one tool call."},
+                    {"role": "user", "content": _prose(rng, rng.randrange(2048, 4096))},
+                ],
+                response={
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": call_id, "type": "function", "function": {"name": "buy", "arguments": '{"n": 1}'}}
+                    ],
+                },
+                usage={"prompt_tokens": 800, "completion_tokens": 12},
+                latency_ms=420.0,
+            ),
+            _event(tid, agent, seq + 2, "action", step=step, action_type="buy", parameters={"n": 1}, success=True),
+            _event(tid, agent, seq + 3, "reward", step=step, value=reward),
+        ]
+    events.append(
+        _event(
+            tid,
+            agent,
+            len(events),
+            "trajectory_ended",
+            status="completed",
+            total_reward=round(total, 3),
+            event_count=len(events) + 1,
+        )
+    )
+    assert len(events) == EVENTS_PER_TRAJECTORY
+    return events
+
+
+async def publish_events(js: JetStreamContext, prefix: str, events: list[dict[str, Any]], window: int = 256) -> None:
+    """Publish and wait for every stream ack, ``window`` publishes in flight at a time."""
+
+    async def one(event: dict[str, Any]) -> None:
+        subject = trajectory_subject(event["agent_id"], event["type"], prefix)
+        await js.publish(subject, json.dumps(event).encode(), headers={"Nats-Msg-Id": event["event_id"]}, timeout=30)
+
+    for start in range(0, len(events), window):
+        await asyncio.gather(*(one(e) for e in events[start : start + window]))
+
+
+# --- the recorder as a process -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+class RecorderProcess:
+    """``cuneiform-recorder`` in a subprocess, configured by environment only, as deployed."""
+
+    def __init__(self, connection: ConnectionSettings, log_dir: Path, **settings: Any) -> None:
+        self.port = _free_port()
+        self.log_path = log_dir / f"recorder-{uuid.uuid4().hex[:6]}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CUNEIFORM_")}
+        env.update(
+            {
+                # A developer's .cuneiform/stack.env must not leak in.
+                "CUNEIFORM_ENV_FILE": str(log_dir / "no-such-stack.env"),
+                "CUNEIFORM_NATS_URL": connection.nats_url,
+                "CUNEIFORM_NATS_PREFIX": connection.nats_prefix,
+                "CUNEIFORM_NATS_STORAGE_GIB": str(connection.nats_storage_gib),
+                "CUNEIFORM_PG_DSN": connection.pg_dsn,
+                "CUNEIFORM_RECORDER_METRICS_PORT": str(self.port),
+                "CUNEIFORM_RECORDER_LOG_JSON": "true",
+            }
+        )
+        env.update({f"CUNEIFORM_RECORDER_{k.upper()}": str(v) for k, v in settings.items()})
+        script = Path(sys.executable).parent / "cuneiform-recorder"
+        command = (
+            [str(script)]
+            if script.is_file()
+            else [sys.executable, "-c", "import cuneiform_recorder.main as m; m.main()"]
+        )
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    async def readyz(self) -> int | None:
+        return await asyncio.to_thread(http_status, f"http://{LOOPBACK}:{self.port}/readyz", "GET", 1.0)
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        async def ready() -> bool:
+            assert self.alive, f"the recorder exited with {self.process.returncode}:\n{self.log_tail()}"
+            return await self.readyz() == 200
+
+        await eventually(ready, timeout=timeout, what="recorder /readyz 200")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> int:
+        if self.alive:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def log_events(self) -> Counter[str]:
+        """How often each structured log event occurred (``consumer.transient_failure``, …)."""
+        found: Counter[str] = Counter()
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                found[json.loads(line).get("event", "?")] += 1
+            except (json.JSONDecodeError, AttributeError):
+                continue
+        return found
+
+
+@pytest.fixture
+def log_dir() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="cuneiform-faults-"))
+    yield folder
+    shutil.copytree(folder, "/tmp/faultlogs", dirs_exist_ok=True)  # DEBUG
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def recorders(log_dir: Path) -> Iterator[list[RecorderProcess]]:
+    """Every recorder process a test starts, stopped afterwards; their logs shown if the test failed."""
+    started: list[RecorderProcess] = []
+    yield started
+    for recorder in started:
+        recorder.stop()
+
+
+def with_storage(connection: ConnectionSettings) -> ConnectionSettings:
+    return connection.model_copy(update={"nats_storage_gib": STORAGE_GIB})
+
+
+@pytest.fixture
+async def nc(connection: ConnectionSettings) -> AsyncIterator[nats.NATS]:
+    client = await nats.connect(connection.nats_url)
+    yield client
+    await client.close()
+
+
+# --- what the tests check ----------------------------------------------------------------------------------
+
+
+async def stream_messages(js: JetStreamContext, stream: str, subject: str) -> list[dict[str, Any]]:
+    """Every message of ``stream`` on ``subject``, read with an ephemeral pull consumer."""
+    info = await js.stream_info(stream)
+    total = info.state.messages or 0
+    if total == 0:
+        return []
+    sub = await js.pull_subscribe(
+        subject,
+        stream=stream,
+        config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0),
+    )
+    found: list[dict[str, Any]] = []
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(1000, timeout=1.0)
+            except nats.errors.TimeoutError:
+                break
+            found += [json.loads(m.data) for m in msgs]
+            if msgs[-1].metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+async def stored_events(dsn: str) -> int:
+    """Rows in the ledger; 0 before the recorder's first start has created its schema."""
+    try:
+        return int(await scalar(dsn, "SELECT count(*) FROM recorder.events"))
+    except asyncpg.UndefinedTableError:
+        return 0
+
+
+async def consumer_state(js: JetStreamContext, topology: Topology) -> tuple[int, int]:
+    info = await js.consumer_info(topology.stream(TRAJECTORIES), f"{topology.prefix}_recorder")
+    return info.num_pending or 0, info.num_ack_pending or 0
+
+
+async def assert_everything_stored_once(
+    js: JetStreamContext, connection: ConnectionSettings, expected: dict[uuid.UUID, int], timeout: float
+) -> None:
+    """Wait for the drain, then check the database, the consumer and the PIPELINE stream exactly."""
+    dsn = connection.pg_dsn
+    topology = Topology.of(connection)
+    total = sum(expected.values())
+
+    async def drained() -> bool:
+        done = await scalar(
+            dsn,
+            "SELECT count(*) FROM recorder.trajectories WHERE status <> 'recording' AND completion_published_at IS NOT NULL",
+        )
+        return done == len(expected) and await consumer_state(js, topology) == (0, 0)
+
+    await eventually(drained, timeout=timeout, what=f"{len(expected)} trajectories finalized and announced")
+    assert await scalar(dsn, "SELECT count(*) FROM recorder.events") == total
+    assert await scalar(dsn, "SELECT count(DISTINCT event_id) FROM recorder.events") == total
+    rows = await query(dsn, "SELECT trajectory_id, status, stored_events, expected_events FROM recorder.trajectories")
+    assert {r["trajectory_id"] for r in rows} == set(expected)
+    wrong = [
+        dict(r)
+        for r in rows
+        if (r["status"], r["stored_events"], r["expected_events"])
+        != ("completed", expected[r["trajectory_id"]], expected[r["trajectory_id"]])
+    ]
+    assert wrong == [], f"{len(wrong)} trajectories not completed with every event, e.g. {wrong[:3]}"
+    per_table = {
+        table: await scalar(dsn, f"SELECT count(*) FROM recorder.{table}")
+        for table in ("steps", "llm_calls", "actions", "rewards")
+    }
+    assert per_table == {table: len(expected) * STEPS for table in per_table}
+    assert await consumer_state(js, topology) == (0, 0)
+
+    completed = await stream_messages(js, topology.stream(PIPELINE), topology.subject(TRAJECTORY_COMPLETED))
+    per_trajectory = Counter(uuid.UUID(c["trajectory_id"]) for c in completed)
+    assert set(per_trajectory) == set(expected)
+    assert [t for t, n in per_trajectory.items() if n != 1] == [], "a trajectory was announced more than once"
+    assert {c["event_count"] for c in completed} == {EVENTS_PER_TRAJECTORY}
+    assert await dead_letter_count(js, topology) == 0
+    assert await scalar(dsn, "SELECT count(*) FROM recorder.dead_letters") == 0
+
+
+async def dead_letter_count(js: JetStreamContext, topology: Topology) -> int:
+    return (await js.stream_info(topology.stream(DLQ))).state.messages or 0
+
+
+async def expire_what_the_dead_process_held(js: JetStreamContext, topology: Topology) -> None:
+    """Make JetStream redeliver now what a killed recorder had fetched and not acked.
+
+    The server would redeliver it by itself after the consumer's ack_wait (60 s): a crash costs that
+    much latency for one batch, never data. To keep the test short, ack_wait is shortened for a moment,
+    as an operator would with `nats consumer edit` (the server rechecks pending messages at once); the
+    restarted recorder puts its own configuration back when it starts.
+    """
+    stream, name = topology.stream(TRAJECTORIES), f"{topology.prefix}_recorder"
+    config = (await js.consumer_info(stream, name)).config
+    await js.add_consumer(stream, config.evolve(ack_wait=1.0))
+    await asyncio.sleep(1.5)  # past the shortened deadline: the held messages are queued for redelivery
+
+
+async def metric(recorder: RecorderProcess, name: str, **labels: str) -> float:
+    """One sample of the recorder's /metrics (0 when absent)."""
+    url = f"http://{LOOPBACK}:{recorder.port}/metrics"
+
+    def read() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    total = 0.0
+    for line in (await asyncio.to_thread(read)).splitlines():
+        if line.startswith(name + "{"):
+            found = line[len(name) + 1 : line.index("}")]
+            if all(part in found.split(",") for part in wanted.split(",") if part):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# --- 1. SIGKILL in the middle of a drain -----------------------------------------------------------------------
+
+
+async def test_a_recorder_killed_mid_drain_and_restarted_stores_every_event_exactly_once(
+    connection: ConnectionSettings, nc: nats.NATS, recorders: list[RecorderProcess], log_dir: Path
+) -> None:
+    connection = with_storage(connection)
+    js = nc.jetstream()
+    topology = Topology.of(connection)
+    await ensure_topology(js, topology)
+    rng = random.Random(20_000)
+    trajectories = [trajectory(rng, f"agent-{n % 50}") for n in range(2_000)]
+    events = [e for t in trajectories for e in t]
+    rng.shuffle(events)  # many agents at once: their trajectories interleave in the stream
+    await publish_events(js, connection.nats_prefix, events)
+    assert (await js.stream_info(topology.stream(TRAJECTORIES))).state.messages == len(events) == 20_000
+
+    settings = {"batch_size": 250, "sweep_interval_s": 0.5}
+    first = RecorderProcess(connection, log_dir, **settings)
+    recorders.append(first)
+    dsn = connection.pg_dsn
+
+    async def partly_stored() -> bool:
+        assert first.alive, f"the recorder exited:\n{first.log_tail()}"
+        return await stored_events(dsn) >= len(events) // 5
+
+    await eventually(partly_stored, timeout=40, what="a fifth of the events stored")
+    first.kill()
+    assert first.process.returncode == -signal.SIGKILL
+    stored_at_kill = await stored_events(dsn)
+    assert 0 < stored_at_kill < len(events), "the kill must land in the middle of the drain"
+
+    await expire_what_the_dead_process_held(js, topology)
+    second = RecorderProcess(connection, log_dir, **settings)
+    recorders.append(second)
+    await second.wait_ready()
+    expected = {uuid.UUID(t[0]["trajectory_id"]): EVENTS_PER_TRAJECTORY for t in trajectories}
+    await assert_everything_stored_once(js, connection, expected, timeout=45)
+    assert second.alive
+    info = await js.consumer_info(topology.stream(TRAJECTORIES), f"{topology.prefix}_recorder")
+    assert info.config.ack_wait == pytest.approx(60.0), "the restarted recorder restores its consumer config"
+    print(
+        f"killed at {stored_at_kill} stored; redelivered after the kill: {info.num_redelivered}; "
+        f"duplicates dropped by the ledger: {await metric(second, 'cuneiform_recorder_events_total', outcome='duplicate'):.0f}"
+    )
+
+
+# --- 2. PostgreSQL down for 10 s -----------------------------------------------------------------------------
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of this test's own, which the test stops and starts again on the same port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.launcher = PostgresLauncher(folder / "data", ServerLog(folder / "postgres.log"))
+        self.record: ServerRecord = self.launcher.start(PortAllocator())
+        self.ports = dict(self.record.ports)
+
+    @property
+    def url(self) -> str:
+        return self.launcher.url(self.ports)
+
+    def stop(self) -> None:
+        """A fast shutdown: open sessions are terminated, new connections refused."""
+        self.launcher.stop(self.record)
+
+    def start(self) -> None:
+        self.record = self.launcher.start(PortAllocator(), previous=self.ports)
+        assert dict(self.record.ports) == self.ports, "PostgreSQL must come back where the recorder looks"
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    # Not pytest's tmp_path: as root PostgreSQL runs as its own user (see tests/conftest.py).
+    folder = Path(tempfile.mkdtemp(prefix="cuneiform-faults-pg-"))
+    server = PrivatePostgres(folder)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class SteadyPublisher:
+    """Agents publishing whole trajectories at a steady rate until stopped."""
+
+    def __init__(self, js: JetStreamContext, prefix: str, rng: random.Random, per_tick: int, tick_s: float) -> None:
+        self.js, self.prefix, self.rng = js, prefix, rng
+        self.per_tick, self.tick_s = per_tick, tick_s
+        self.trajectories: list[list[dict[str, Any]]] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+
+    @property
+    def events(self) -> int:
+        return sum(len(t) for t in self.trajectories)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        n = 0
+        while not self._stop.is_set():
+            tick = loop.time()
+            batch = [trajectory(self.rng, f"agent-{(n + i) % 20}") for i in range(self.per_tick)]
+            n += self.per_tick
+            await publish_events(self.js, self.prefix, [e for t in batch for e in t])
+            self.trajectories += batch
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), max(0.0, self.tick_s - (loop.time() - tick)))
+
+
+async def test_postgres_down_for_10_s_during_a_drain_loses_and_doubles_nothing(
+    connection: ConnectionSettings,
+    nc: nats.NATS,
+    recorders: list[RecorderProcess],
+    log_dir: Path,
+    private_postgres: PrivatePostgres,
+) -> None:
+    connection = with_storage(connection).model_copy(update={"pg_dsn": private_postgres.url})
+    dsn = connection.pg_dsn
+    js = nc.jetstream()
+    topology = Topology.of(connection)
+    await ensure_topology(js, topology)
+    rng = random.Random(10)
+    # A backlog to drain, then agents that keep publishing through the outage (~400 events/s).
+    backlog = [trajectory(rng, f"agent-{n % 20}") for n in range(800)]
+    await publish_events(js, connection.nats_prefix, [e for t in backlog for e in t])
+    recorder = RecorderProcess(connection, log_dir, batch_size=100, sweep_interval_s=0.5)
+    recorders.append(recorder)
+    publisher = SteadyPublisher(js, connection.nats_prefix, rng, per_tick=10, tick_s=0.25)
+    publisher.start()
+
+    async def draining() -> bool:
+        assert recorder.alive, f"the recorder exited:\n{recorder.log_tail()}"
+        return await stored_events(dsn) >= 2_000
+
+    await eventually(draining, timeout=40, what="the drain under way")
+    private_postgres.stop()
+    down_at = time.monotonic()
+    readiness_during_outage = set()
+    while time.monotonic() - down_at < 10:
+        assert recorder.alive, f"the recorder died while PostgreSQL was down:\n{recorder.log_tail()}"
+        readiness_during_outage.add(await recorder.readyz())
+        await asyncio.sleep(0.5)
+    private_postgres.start()
+    assert readiness_during_outage == {503}, "readiness must fail while the database is down"
+    await recorder.wait_ready(timeout=30)
+    await asyncio.sleep(1.0)  # agents go on publishing after the database is back
+    await publisher.stop()
+
+    expected = {uuid.UUID(t[0]["trajectory_id"]): EVENTS_PER_TRAJECTORY for t in backlog + publisher.trajectories}
+    await assert_everything_stored_once(js, connection, expected, timeout=45)
+    assert recorder.alive
+    logged = recorder.log_events()
+    assert logged["consumer.transient_failure"] > 0, "the outage must have hit the consumer"
+    assert logged["consumer.batch_failed_isolating"] == logged["consumer.message_failed"] == 0
+    print(
+        f"{sum(expected.values())} events ({publisher.events} published during the test); "
+        f"transient failures logged: {logged['consumer.transient_failure']}"
+    )
