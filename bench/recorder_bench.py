@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import random
 import shutil
@@ -73,24 +74,33 @@ def text(rng: random.Random, size: int) -> str:
     return " ".join(out)
 
 
-def record_step(t: Any, rng: random.Random, step: int) -> None:
-    t.step(
-        step,
-        environment={"cash": rng.randint(0, 10_000), "positions": {"ACME": rng.randint(0, 50)}},
-        observation=text(rng, 200),
-    )
-    t.provider_access("prices", {s: round(rng.uniform(5, 50), 2) for s in ("ACME", "INIT", "GLOB")}, query={"n": 3})
-    call_id = t.llm_call(
-        messages=[
-            {"role": "system", "content": text(rng, 600)},
-            {"role": "user", "content": text(rng, rng.randint(1_400, 7_400))},
-        ],
-        response={"role": "assistant", "content": text(rng, 120)},
-        usage={"prompt_tokens": rng.randint(400, 2000), "completion_tokens": rng.randint(20, 80)},
-        latency_ms=rng.uniform(200, 1500),
-    )
-    t.action("buy", {"symbol": "ACME", "n": rng.randint(1, 5)}, success=True, llm_call_id=call_id)
-    t.reward(rng.uniform(-1, 1))
+def record_step(t: Any, rng: random.Random, step: int, costs: list[float] | None = None) -> None:
+    """One agent step: five record calls. The content is made first, so ``costs`` (µs per call)
+    measures only what the SDK costs the agent."""
+    environment = {"cash": rng.randint(0, 10_000), "positions": {"ACME": rng.randint(0, 50)}}
+    observation = text(rng, 200)
+    prices = {s: round(rng.uniform(5, 50), 2) for s in ("ACME", "INIT", "GLOB")}
+    messages = [
+        {"role": "system", "content": text(rng, 600)},
+        {"role": "user", "content": text(rng, rng.randint(1_400, 7_400))},
+    ]
+    response = {"role": "assistant", "content": text(rng, 120)}
+    usage = {"prompt_tokens": rng.randint(400, 2000), "completion_tokens": rng.randint(20, 80)}
+    latency, amount, reward = rng.uniform(200, 1500), rng.randint(1, 5), rng.uniform(-1, 1)
+    clock = time.perf_counter_ns
+    marks = [clock()]
+    t.step(step, environment=environment, observation=observation)
+    marks.append(clock())
+    t.provider_access("prices", prices, query={"n": 3})
+    marks.append(clock())
+    call_id = t.llm_call(messages=messages, response=response, usage=usage, latency_ms=latency)
+    marks.append(clock())
+    t.action("buy", {"symbol": "ACME", "n": amount}, success=True, llm_call_id=call_id)
+    marks.append(clock())
+    t.reward(reward)
+    marks.append(clock())
+    if costs is not None:
+        costs.extend((b - a) / 1000 for a, b in itertools.pairwise(marks))
 
 
 async def fill(
@@ -105,6 +115,7 @@ async def fill(
     started = 0
     done = 0
     recorded = 0
+    rounds = 0
     while done < trajectories:
         while len(open_ones) < concurrent and started < trajectories:
             t = recorder.trajectory(agent_id=f"agent-{started % 500}", scenario_id=f"s{started % 50}", model="policy")
@@ -114,9 +125,7 @@ async def fill(
             recorded += 1
         next_round = []
         for t, step in open_ones:
-            t0 = time.perf_counter_ns()
-            record_step(t, rng, step)
-            costs.append((time.perf_counter_ns() - t0) / 5 / 1000)  # five record calls per step
+            record_step(t, rng, step, costs)
             recorded += 5
             if step + 1 == steps:
                 t.end()
@@ -126,7 +135,8 @@ async def fill(
                 next_round.append((t, step + 1))
         open_ones = next_round
         await asyncio.sleep(0)  # let the publisher run, as an agent's loop would
-        if progress and done % 200 == 0:
+        rounds += 1
+        if progress and rounds % 5 == 0:
             print(f"\r  recording: {recorded:,} events, {done:,}/{trajectories:,} trajectories", end="", flush=True)
     if progress:
         print()

@@ -41,7 +41,6 @@ import asyncpg
 import nats.errors
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
@@ -49,6 +48,7 @@ from pydantic import ValidationError
 from .events import DeadLetter, publish, stable_id
 from .logging import get_logger
 from .observability import BATCH_SIZE, DEAD_LETTERS, HANDLER_SECONDS, MESSAGES
+from .puller import Puller
 from .topology import DLQ, Topology, dlq_subject
 
 log = get_logger(__name__)
@@ -75,6 +75,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
     nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
     nats.errors.TimeoutError,
     nats.errors.NoServersError,
 )
@@ -188,7 +191,7 @@ class BatchConsumer(Generic[T]):
         self.options = options or ConsumerOptions()
         self._on_dead_letter = on_dead_letter
         self._broker: NatsBroker | None = None
-        self._subscription: JetStreamContext.PullSubscription | None = None
+        self._puller: Puller | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._consecutive_transient = 0
@@ -214,9 +217,9 @@ class BatchConsumer(Generic[T]):
         """Create (or update) the durable consumer and start pulling on the broker's connection."""
         self._broker = broker
         self._stopping.clear()
-        js = broker.connection.jetstream()
-        await js.add_consumer(self.stream, self.consumer_config())
-        self._subscription = await js.pull_subscribe_bind(durable=self.name, stream=self.stream)
+        await broker.connection.jetstream().add_consumer(self.stream, self.consumer_config())
+        self._puller = Puller(broker.connection, self.stream, self.name)
+        await self._puller.start()
         self._task = asyncio.create_task(self._pull(), name=f"consume-{self.name}")
 
     async def stop(self, timeout: float) -> None:
@@ -231,16 +234,13 @@ class BatchConsumer(Generic[T]):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._subscription is not None:
-            with contextlib.suppress(*TRANSIENT_ERRORS):
-                await self._subscription.unsubscribe()
         self._task = None
 
     async def _pull(self) -> None:
         # Our own fetch loop rather than FastStream's batch subscriber: in FastStream 0.7.8 a bare
         # asyncio.TimeoutError from nats-py escapes that loop and the messages it had fetched wait
         # out ack_wait before redelivery; here every fetched message is handled, also during a stop.
-        assert self._subscription is not None
+        assert self._puller is not None
         failures = 0
         in_flight: set[asyncio.Task[None]] = set()
         while not self._stopping.is_set():
@@ -248,9 +248,7 @@ class BatchConsumer(Generic[T]):
                 await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                msgs = await self._subscription.fetch(self.options.batch_size, timeout=self.options.max_wait)
-            except TimeoutError:  # nothing pending (nats.errors.TimeoutError is a TimeoutError too)
-                continue
+                msgs = await self._puller.fetch(self.options.batch_size, self.options.max_wait)
             except TRANSIENT_ERRORS as error:
                 failures += 1
                 delay = backoff_delay(failures, self.options.backoff_base, self.options.backoff_max)
@@ -259,12 +257,19 @@ class BatchConsumer(Generic[T]):
                     await asyncio.wait_for(self._stopping.wait(), timeout=delay)
                 continue
             failures = 0
+            if not msgs:
+                continue
             task = asyncio.create_task(self._process_safely(msgs))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
-        # Stopping: every fetched message is still handled, committed and acked before we return.
+        # Stopping: every fetched message is still handled, committed and acked before we return —
+        # including deliveries that reached the puller after its last fetch.
         if in_flight:
             await asyncio.gather(*in_flight)
+        await self._puller.stop()
+        leftovers = self._puller.take_buffered()
+        if leftovers:
+            await self._process_safely(leftovers)
 
     async def _process_safely(self, msgs: list[Msg]) -> None:
         try:

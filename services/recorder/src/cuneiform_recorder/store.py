@@ -95,11 +95,11 @@ def _unnest(columns: str, types: str, rows: Sequence[tuple[Any, ...]]) -> tuple[
     return f"SELECT {select} FROM unnest({params}) AS u({columns})", arrays
 
 
-async def _insert(conn: asyncpg.Connection, table: str, columns: str, types: str, rows: list[tuple[Any, ...]]) -> None:
-    if not rows:
-        return
-    select, arrays = _unnest(columns, types, rows)
-    await conn.execute(f"INSERT INTO {table} ({columns}) {select} ON CONFLICT DO NOTHING", *arrays)
+async def _copy(conn: asyncpg.Connection, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
+    # COPY, not INSERT: these events are new to the ledger in this very transaction, so no row of
+    # theirs can exist in a typed table (a concurrent writer of the same event waits on the ledger).
+    if rows:
+        await conn.copy_records_to_table(table, records=rows, columns=[c.strip() for c in columns.split(",")])
 
 
 def _extra(event: Envelope) -> dict[str, Any] | None:
@@ -235,41 +235,36 @@ async def _write_typed(conn: asyncpg.Connection, events: list[Event], redact: Re
                     _extra(e),
                 )
             )
-    await _insert(
+    await _copy(
         conn,
         "steps",
         "event_id, trajectory_id, seq, step, occurred_at, environment, observation, extra",
-        "uuid uuid int int timestamptz jsonb jsonb jsonb",
         steps,
     )
-    await _insert(
+    await _copy(
         conn,
         "llm_calls",
         "event_id, trajectory_id, seq, step, call_id, occurred_at, model, purpose, messages, tools, response, "
         "reasoning, params, prompt_tokens, completion_tokens, latency_ms, logprobs, extra",
-        "uuid uuid int int text timestamptz text text jsonb jsonb jsonb text jsonb int int float8 jsonb jsonb",
         calls,
     )
-    await _insert(
+    await _copy(
         conn,
         "provider_accesses",
         "event_id, trajectory_id, seq, step, occurred_at, provider, provider_id, query, data, purpose, extra",
-        "uuid uuid int int timestamptz text text jsonb jsonb text jsonb",
         accesses,
     )
-    await _insert(
+    await _copy(
         conn,
         "actions",
         "event_id, trajectory_id, seq, step, occurred_at, action_type, parameters, success, result, error, "
         "llm_call_id, reward, extra",
-        "uuid uuid int int timestamptz text jsonb bool jsonb text text float8 jsonb",
         actions,
     )
-    await _insert(
+    await _copy(
         conn,
         "rewards",
         "event_id, trajectory_id, seq, step, occurred_at, source, name, value, reason, extra",
-        "uuid uuid int int timestamptz text text float8 text jsonb",
         rewards,
     )
 
