@@ -48,7 +48,7 @@ class Puller:
         """Unsubscribe after handing every delivery already received to the buffer (drain)."""
         if self._sub is not None:
             with contextlib.suppress(Exception):
-                await self._sub.drain()
+                await self._sub.drain()  # type: ignore[no-untyped-call]
             self._sub = None
 
     def take_buffered(self) -> list[Msg]:

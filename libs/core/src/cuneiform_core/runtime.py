@@ -149,7 +149,7 @@ class ConsumerOptions:
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with full jitter (attempt 1 waits up to ``base``)."""
-    return random.uniform(0.5, 1.0) * min(cap, base * 2 ** max(0, attempt - 1))
+    return random.uniform(0.5, 1.0) * min(cap, base * 2.0 ** max(0, attempt - 1))
 
 
 def describe_decode_error(error: Exception) -> tuple[Literal["malformed", "invalid"], str]:

@@ -13,6 +13,7 @@ import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import urllib3
 from minio import Minio
@@ -118,7 +119,7 @@ class ObjectStore:
 
     async def list_keys(self, prefix: str = "") -> list[str]:
         def listing() -> list[str]:
-            objects: Iterable = self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            objects: Iterable[Any] = self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
             return sorted(o.object_name for o in objects if o.object_name is not None)
 
         return await asyncio.to_thread(listing)

@@ -94,7 +94,7 @@ class ChatMessage(_Model):
 
 
 class AssistantMessage(ChatMessage):
-    role: Literal["assistant"] = "assistant"  # type: ignore[assignment]
+    role: Literal["assistant"] = "assistant"
 
 
 class Usage(_Model):
