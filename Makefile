@@ -10,7 +10,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_LINK_MODE := copy
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo stack-up stack-down stack-status test test-unit test-integration lint format schema bench up down clean
+.PHONY: help install demo stack-up stack-down stack-status test test-unit lint format schema bench up down clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -28,9 +28,8 @@ $(UV):
 
 install: .venv/.synced ## Install everything (uv, then every lib and service) into .venv/
 
-demo: install ## Run the main job: the embedded stack (NATS, PostgreSQL, S3) and the loop on it
-	@$(RUN) cuneiform-stack up
-	@$(RUN) cuneiform-stack status
+demo: install ## Run the main job: the embedded stack, the recorder and a simulated agent fleet (ARGS=...)
+	@$(RUN) cuneiform-demo $(ARGS)
 
 stack-up: install ## Start the embedded stack in the background (data in .cuneiform/stack)
 	@$(RUN) cuneiform-stack up
@@ -50,7 +49,7 @@ test-unit: install ## Only the tests that need no server
 lint: install ## ruff (lint + format check) and mypy
 	@$(RUN) ruff check .
 	@$(RUN) ruff format --check .
-	@$(RUN) mypy libs
+	@$(RUN) mypy libs services/recorder/src
 
 format: install ## Format and auto-fix
 	@$(RUN) ruff format .

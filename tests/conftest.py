@@ -53,9 +53,9 @@ def _from_env() -> Servers:
 
 @contextlib.contextmanager
 def _containers() -> Iterator[Servers]:
-    from testcontainers.minio import MinioContainer
-    from testcontainers.nats import NatsContainer
-    from testcontainers.postgres import PostgresContainer
+    from testcontainers.community.minio import MinioContainer
+    from testcontainers.community.nats import NatsContainer
+    from testcontainers.community.postgres import PostgresContainer
 
     with (
         NatsContainer("nats:2.11", jetstream=True) as nats_c,

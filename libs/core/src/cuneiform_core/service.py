@@ -47,6 +47,7 @@ class Service:
         *,
         migrations: str | list[db.Migration] | None = None,
         object_store: bool = False,
+        pool_size: int = 10,
     ) -> None:
         self.settings = settings
         self.connection = connection or ConnectionSettings()
@@ -54,6 +55,7 @@ class Service:
         self.topology = Topology.of(self.connection)
         self._migrations = db.load_migrations(migrations) if isinstance(migrations, str) else migrations
         self._wants_store = object_store
+        self._pool_size = pool_size
         self.broker = NatsBroker(
             self.connection.nats_url,
             name=f"cuneiform-{self.name}",
@@ -150,7 +152,9 @@ class Service:
         await self.health.start()
         log.info("service.starting", metrics=f"http://{self.settings.metrics_host}:{self.health.port}/metrics")
         if self._migrations is not None:
-            self._pool = await db.open_database(self.connection.pg_dsn, self.name, self._migrations)
+            self._pool = await db.open_database(
+                self.connection.pg_dsn, self.name, self._migrations, max_size=self._pool_size
+            )
             self.health.add_check("postgres", self._postgres_ok)
         if self._wants_store:
             self._store = ObjectStore.from_settings(self.connection)

@@ -23,7 +23,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from .logging import get_logger
 from .settings import ConnectionSettings
@@ -34,6 +34,9 @@ GIB = 1024**3
 DAY = 24 * 3600.0
 #: JetStream file storage the streams of one deployment may use together, split by ``storage_share``.
 DEFAULT_STORAGE_GIB = 40.0
+
+#: JetStream's error code for "insufficient storage resources available".
+_INSUFFICIENT_STORAGE = 10047
 
 #: The broker's default max_payload; the contract's claim check takes anything larger.
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -172,7 +175,16 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> str:
     try:
         info = await js.stream_info(config.name or "")
     except NotFoundError:
-        await js.add_stream(config)
+        try:
+            await js.add_stream(config)
+        except APIError as error:
+            if error.err_code == _INSUFFICIENT_STORAGE:
+                raise RuntimeError(
+                    f"JetStream cannot reserve {(config.max_bytes or 0) / GIB:.2f} GiB for stream {config.name}: "
+                    "lower CUNEIFORM_NATS_STORAGE_GIB (the budget all streams share) or give nats-server more "
+                    "max_file_store"
+                ) from error
+            raise
         return "created"
     wanted = {k: v for k, v in config.as_dict().items() if v is not None}
     current = info.config.as_dict()
@@ -180,9 +192,9 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> str:
         return "unchanged"
     try:
         await js.update_stream(config)
-    except BadRequestError as error:
-        # Some properties (storage, retention) cannot change in place; keep serving with the stored
-        # configuration and say so, rather than refusing to start.
+    except APIError as error:
+        # Some properties (storage, retention) cannot change in place, and a larger budget may not
+        # fit: keep serving with the stored configuration and say so, rather than refusing to start.
         log.warning("stream.update_refused", stream=config.name, error=error.description)
         return "unchanged"
     return "updated"

@@ -43,11 +43,15 @@ class StackEndpoints:
     s3_secret_key: str
     s3_region: str
     s3_bucket: str
+    #: JetStream storage the streams reserve together: small, since a laptop's disk is shared
+    #: (production sizes it to the server's max_file_store).
+    nats_storage_gib: float = 2.0
 
     def as_env(self) -> dict[str, str]:
         """The ``CUNEIFORM_*`` variables that ``cuneiform_core.settings.ConnectionSettings`` reads."""
         return {
             "CUNEIFORM_NATS_URL": self.nats_url,
+            "CUNEIFORM_NATS_STORAGE_GIB": f"{self.nats_storage_gib:g}",
             "CUNEIFORM_PG_DSN": self.pg_dsn,
             "CUNEIFORM_S3_ENDPOINT": self.s3_endpoint,
             "CUNEIFORM_S3_ACCESS_KEY": self.s3_access_key,

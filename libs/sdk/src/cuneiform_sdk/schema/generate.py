@@ -19,6 +19,11 @@ def build() -> dict[str, Any]:
     claim = ClaimCheck.model_json_schema(mode="validation", ref_template="#/$defs/{model}")
     defs.update(claim.pop("$defs", {}))
     defs["ClaimCheck"] = claim
+    for definition in defs.values():
+        # `type` has a default in Python (each class knows its own), but on the wire it is required:
+        # it is the discriminator every consumer reads first.
+        if "event_id" in definition.get("properties", {}):
+            definition["required"] = sorted({*definition.get("required", []), "type"})
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"https://cuneiform.dev/schema/events.v{CONTRACT_VERSION}.schema.json",
