@@ -5,7 +5,8 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 UV := .tools/bin/uv
 RUN := $(UV) run --frozen
-export UV_PYTHON := $(PYTHON)
+# The interpreter itself, not a shim: uv would rebuild .venv whenever the path it recorded differs.
+export UV_PYTHON := $(shell $(PYTHON) -c 'import sys; print(sys.executable)')
 export UV_PYTHON_DOWNLOADS := never
 export UV_LINK_MODE := copy
 

@@ -152,6 +152,16 @@ def trajectory(rng: random.Random, agent: str) -> list[dict[str, Any]]:
     return events
 
 
+def interleaved(trajectories: list[list[dict[str, Any]]], agents: int = 100) -> list[dict[str, Any]]:
+    """The events as ``agents`` agents running at once publish them: each trajectory in order, the
+    trajectories of one wave interleaved event by event, one wave after the other."""
+    events: list[dict[str, Any]] = []
+    for start in range(0, len(trajectories), agents):
+        wave = trajectories[start : start + agents]
+        events += [t[n] for n in range(EVENTS_PER_TRAJECTORY) for t in wave]
+    return events
+
+
 async def publish_events(js: JetStreamContext, prefix: str, events: list[dict[str, Any]], window: int = 256) -> None:
     """Publish and wait for every stream ack, ``window`` publishes in flight at a time."""
 
@@ -206,7 +216,7 @@ class RecorderProcess:
         return self.process.poll() is None
 
     async def readyz(self) -> int | None:
-        return await asyncio.to_thread(http_status, f"http://{LOOPBACK}:{self.port}/readyz", "GET", 1.0)
+        return await asyncio.to_thread(http_status, f"http://{LOOPBACK}:{self.port}/readyz", "GET", 3.0)
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         async def ready() -> bool:
@@ -229,10 +239,25 @@ class RecorderProcess:
         return self.process.returncode
 
     def log_tail(self, lines: int = 40) -> str:
+        """The last log lines, one short line per JSON record (asyncpg's tracebacks left out)."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
+        short = []
+        for line in text.splitlines()[-lines:]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                short.append(line[:300])
+                continue
+            details = " ".join(
+                f"{k}={str(v)[:160]}"
+                for k, v in record.items()
+                if k not in ("event", "timestamp", "level", "logger", "service", "exception")
+            )
+            short.append(f"{record.get('timestamp', '')} {record.get('level', '')} {record.get('event', '')} {details}")
+        return "\n".join(short)
 
     def log_events(self) -> Counter[str]:
         """How often each structured log event occurred (``consumer.transient_failure``, …)."""
@@ -249,17 +274,18 @@ class RecorderProcess:
 def log_dir() -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix="cuneiform-faults-"))
     yield folder
-    shutil.copytree(folder, "/tmp/faultlogs", dirs_exist_ok=True)  # DEBUG
     shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
 def recorders(log_dir: Path) -> Iterator[list[RecorderProcess]]:
-    """Every recorder process a test starts, stopped afterwards; their logs shown if the test failed."""
+    """Every recorder process a test starts, stopped afterwards; their logs are printed, which pytest
+    shows when the test failed."""
     started: list[RecorderProcess] = []
     yield started
     for recorder in started:
-        recorder.stop()
+        status = recorder.stop()
+        print(f"--- {recorder.log_path.name} (exit status {status}):\n{recorder.log_tail(60)}")
 
 
 def with_storage(connection: ConnectionSettings) -> ConnectionSettings:
@@ -362,18 +388,19 @@ async def dead_letter_count(js: JetStreamContext, topology: Topology) -> int:
     return (await js.stream_info(topology.stream(DLQ))).state.messages or 0
 
 
-async def expire_what_the_dead_process_held(js: JetStreamContext, topology: Topology) -> None:
+async def expire_what_the_dead_process_held(js: JetStreamContext, topology: Topology) -> float:
     """Make JetStream redeliver now what a killed recorder had fetched and not acked.
 
     The server would redeliver it by itself after the consumer's ack_wait (60 s): a crash costs that
     much latency for one batch, never data. To keep the test short, ack_wait is shortened for a moment,
     as an operator would with `nats consumer edit` (the server rechecks pending messages at once); the
-    restarted recorder puts its own configuration back when it starts.
+    restarted recorder puts its own configuration back when it starts. Returns the original ack_wait.
     """
     stream, name = topology.stream(TRAJECTORIES), f"{topology.prefix}_recorder"
     config = (await js.consumer_info(stream, name)).config
     await js.add_consumer(stream, config.evolve(ack_wait=1.0))
     await asyncio.sleep(1.5)  # past the shortened deadline: the held messages are queued for redelivery
+    return float(config.ack_wait or 0)
 
 
 async def metric(recorder: RecorderProcess, name: str, **labels: str) -> float:
@@ -406,8 +433,7 @@ async def test_a_recorder_killed_mid_drain_and_restarted_stores_every_event_exac
     await ensure_topology(js, topology)
     rng = random.Random(20_000)
     trajectories = [trajectory(rng, f"agent-{n % 50}") for n in range(2_000)]
-    events = [e for t in trajectories for e in t]
-    rng.shuffle(events)  # many agents at once: their trajectories interleave in the stream
+    events = interleaved(trajectories)
     await publish_events(js, connection.nats_prefix, events)
     assert (await js.stream_info(topology.stream(TRAJECTORIES))).state.messages == len(events) == 20_000
 
@@ -425,19 +451,30 @@ async def test_a_recorder_killed_mid_drain_and_restarted_stores_every_event_exac
     assert first.process.returncode == -signal.SIGKILL
     stored_at_kill = await stored_events(dsn)
     assert 0 < stored_at_kill < len(events), "the kill must land in the middle of the drain"
+    _, held = await consumer_state(js, topology)  # fetched by the dead process, never acked
+    completed_at_kill, unannounced_at_kill = (
+        await query(
+            dsn,
+            """SELECT count(*) FILTER (WHERE status = 'completed'),
+                      count(*) FILTER (WHERE status = 'completed' AND completion_published_at IS NULL)
+                 FROM recorder.trajectories""",
+        )
+    )[0]
 
-    await expire_what_the_dead_process_held(js, topology)
+    ack_wait = await expire_what_the_dead_process_held(js, topology)
     second = RecorderProcess(connection, log_dir, **settings)
     recorders.append(second)
     await second.wait_ready()
+    info = await js.consumer_info(topology.stream(TRAJECTORIES), f"{topology.prefix}_recorder")
+    assert info.config.ack_wait == pytest.approx(ack_wait), "the restarted recorder restores its consumer"
     expected = {uuid.UUID(t[0]["trajectory_id"]): EVENTS_PER_TRAJECTORY for t in trajectories}
     await assert_everything_stored_once(js, connection, expected, timeout=45)
     assert second.alive
-    info = await js.consumer_info(topology.stream(TRAJECTORIES), f"{topology.prefix}_recorder")
-    assert info.config.ack_wait == pytest.approx(60.0), "the restarted recorder restores its consumer config"
+    duplicates = await metric(second, "cuneiform_recorder_events_total", outcome="duplicate")
     print(
-        f"killed at {stored_at_kill} stored; redelivered after the kill: {info.num_redelivered}; "
-        f"duplicates dropped by the ledger: {await metric(second, 'cuneiform_recorder_events_total', outcome='duplicate'):.0f}"
+        f"killed with {stored_at_kill} events stored, {completed_at_kill} trajectories completed "
+        f"({unannounced_at_kill} not yet announced) and {held} messages unacked; the restarted recorder "
+        f"found {duplicates:.0f} of those already stored"
     )
 
 

@@ -47,7 +47,9 @@ def decode(delivery: Delivery) -> Event | ClaimCheck:
 class Recorder:
     def __init__(self, settings: RecorderSettings, connection: ConnectionSettings | None = None) -> None:
         self.settings = settings
-        self.service = Service(settings, connection, migrations="cuneiform_recorder.migrations")
+        self.service = Service(
+            settings, connection, migrations="cuneiform_recorder.migrations", pool_size=settings.pool_size
+        )
         self.redact = Redactor(settings.redact_patterns)
         self.service.consume(
             name="recorder",

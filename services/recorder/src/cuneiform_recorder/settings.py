@@ -36,5 +36,5 @@ class RecorderSettings(ServiceSettings):
     #: Regular expressions whose matches in LLM calls and provider data are replaced by [REDACTED].
     #: They run over the JSON text of each value, so a pattern must not match a double quote.
     redact_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACTIONS))
-    #: Database connections (each batch uses one).
-    pool_size: int = Field(default=4, ge=1)
+    #: Most database connections: each batch in flight uses one, the sweep and dead letters another.
+    pool_size: int = Field(default=4, ge=2)

@@ -1,0 +1,413 @@
+"""``cuneiform-demo`` (``make demo``): the recording half of the flywheel, end to end, on this machine.
+
+1. start (or reuse) the embedded stack — nats-server, PostgreSQL, an S3 endpoint — on free ports;
+2. start the recorder service as its own process, as it is deployed;
+3. run a simulated fleet of trading agents that record every decision through the SDK;
+4. wait until the recorder has stored every event and proved each trajectory complete;
+5. read the results back from PostgreSQL and say where to look.
+
+The agents' "LLM" is a tabular softmax policy, a stand-in for a real model (see ``policy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shlex
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from cuneiform_sdk import Recorder
+from cuneiform_stack import LocalStack, StackEndpoints, StackError
+from cuneiform_stack.cli import DEFAULT_DATA_DIR
+
+from .console import Console, DemoError, shown
+from .environment import ACTIONS, TRENDS
+from .fleet import FleetPlan, FleetResult, run_fleet
+from .policy import STAND_IN_NOTE, TabularPolicy
+from .recorder_process import RecorderProcess, current_env, recorder_env
+from .report import SCHEMA, Summary, finalized_counts, read_summary
+
+SECTIONS = 5
+NEXT_ISSUES = (
+    "dataset export, training (GRPO on these groups) and rollout of the trained policy arrive with the next issues"
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    # SIGTERM (a supervisor, `kill`) stops the demo as Ctrl-C does: the recorder is stopped gracefully.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return Demo(args, console).run()
+    except DemoError as error:
+        console.say()
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        console.say()
+        print("interrupted; the stack keeps running (`make stack-down` stops it)", file=sys.stderr)
+        return 130
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace, console: Console) -> None:
+        self.args = args
+        self.console = console
+        self.seed: int = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
+        self.run_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.policy = TabularPolicy()
+        self.plan = FleetPlan(
+            agents=args.agents,
+            episodes=args.episodes,
+            seed=self.seed,
+            run_id=self.run_id,
+            group_size=args.group_size,
+            steps=args.steps,
+            step_delay=args.step_delay,
+        )
+        self.stack = LocalStack(args.data_dir, progress=lambda message: console.item(f"· {message}"))
+        self.recorder: RecorderProcess | None = None
+        self.kept_pid: int | None = None
+
+    def run(self) -> int:
+        c = self.console
+        c.say("Cuneiform demo: agents record every decision; the recorder stores them in PostgreSQL")
+        c.item(f"Note: {STAND_IN_NOTE}.")
+        began = time.monotonic()
+        endpoints = self.start_stack()
+        try:
+            recorder = self.start_recorder(endpoints)
+            summary = asyncio.run(self.drive(endpoints, recorder))
+        finally:
+            stopped = self.finish_recorder()
+        problems = self.check(summary)
+        if not problems:
+            c.say()
+            c.say(
+                f"Done in {time.monotonic() - began:.0f} s: {self.plan.trajectories} trajectories recorded by "
+                f"{self.plan.agents} agents, every event stored once, every trajectory proved complete."
+            )
+        self.print_where_to_look(endpoints, recorder, stopped)
+        if problems:
+            raise DemoError("the run did not come out as expected:\n  - " + "\n  - ".join(problems))
+        return 0
+
+    # --- 1. the stack ----------------------------------------------------------------------------------
+
+    def start_stack(self) -> StackEndpoints:
+        self.console.section(1, SECTIONS, f"Embedded stack in {shown(self.stack.data_dir)}")
+        try:
+            endpoints = self.stack.start()
+            status = self.stack.status()
+        except StackError as error:
+            raise DemoError(
+                f"{error}\nServer logs are in {shown(self.stack.log_dir)}; "
+                f"`{self.stack_command('down')}` then `make demo` starts afresh."
+            ) from None
+        for server in status.servers:
+            state = "healthy" if server.healthy else "NOT HEALTHY"
+            detail = f"  ({server.detail})" if server.detail else ""
+            self.console.item(f"{server.name:<9} {state:<8} {server.url}{detail}")
+        if not status.healthy:
+            raise DemoError(f"not every server is healthy; see the logs in {shown(self.stack.log_dir)}")
+        return endpoints
+
+    # --- 2. the recorder -------------------------------------------------------------------------------
+
+    def start_recorder(self, endpoints: StackEndpoints) -> RecorderProcess:
+        self.console.section(2, SECTIONS, "Recorder service (TRAJECTORIES stream → PostgreSQL)")
+        env = recorder_env(current_env(), endpoints.as_env(), self.stack.env_file)
+        log_path = self.stack.log_dir / "recorder.log"
+        self.recorder = RecorderProcess(env, log_path)
+        self.console.item(f"starting cuneiform-recorder; its log: {shown(log_path)}")
+        self.recorder.start()
+        took = self.recorder.wait_ready(self.args.ready_timeout)
+        self.console.item(f"ready in {took:.1f} s (pid {self.recorder.pid}, metrics {self.recorder.metrics_url})")
+        return self.recorder
+
+    def finish_recorder(self) -> bool:
+        """Stop the recorder gracefully (SIGTERM) unless --keep-running; whether it was stopped."""
+        recorder, self.recorder = self.recorder, None
+        if recorder is None or not recorder.alive:
+            return True
+        if self.args.keep_running:
+            self.kept_pid = recorder.close_without_stopping()
+            return False
+        code = recorder.stop()
+        if code not in (0, None):
+            print(
+                f"warning: the recorder exited with status {code} on SIGTERM; see {shown(recorder.log.path)}",
+                file=sys.stderr,
+            )
+        return True
+
+    # --- 3. to 5. the fleet, completion, the summary ------------------------------------------------------
+
+    async def drive(self, endpoints: StackEndpoints, recorder: RecorderProcess) -> Summary:
+        conn = await self.connect(endpoints.pg_dsn)
+        try:
+            run_started: datetime = await conn.fetchval("SELECT now()")
+            result = await self.run_agents(endpoints)
+            await self.wait_finalized(conn, result.trajectory_ids, recorder)
+            summary = await read_summary(conn, result.trajectory_ids, run_started)
+        finally:
+            await conn.close()
+        self.print_summary(summary)
+        return summary
+
+    async def connect(self, dsn: str) -> asyncpg.Connection:
+        try:
+            return await asyncpg.connect(dsn, timeout=10)
+        except (OSError, asyncpg.PostgresError) as error:
+            raise DemoError(f"cannot connect to PostgreSQL at {dsn}: {error}") from None
+
+    async def run_agents(self, endpoints: StackEndpoints) -> FleetResult:
+        plan, c = self.plan, self.console
+        c.section(3, SECTIONS, f"Agent fleet: {plan.agents} agents x {plan.episodes} episodes of {plan.steps} steps")
+        groups = f"{plan.groups} scenario group{'s' if plan.groups > 1 else ''}"
+        c.item(f"{groups} per round: the agents of a group trade the same market (a GRPO group)")
+        c.item(f"seed {self.seed} (repeat this run's markets and choices with --seed {self.seed})")
+        c.item(f"policy {self.policy.name} {self.policy.version}: " + self.describe_policy())
+        c.item(f"run id {self.run_id} (in each trajectory's metadata)")
+        result = FleetResult()
+        outbox = self.stack.data_dir / "demo-outbox"
+        sdk = Recorder(endpoints.nats_url, prefix="", outbox_dir=outbox)
+        began = time.monotonic()
+        await sdk.start()
+        fleet = asyncio.create_task(run_fleet(sdk, self.policy, plan, result))
+        try:
+            while not fleet.done():
+                c.progress(self.fleet_line(result, sdk, began))
+                await asyncio.wait([fleet], timeout=0.1)
+            fleet.result()
+            delivered = await self.deliver(sdk, result, began)
+        finally:
+            # Interrupted: the agents end their open trajectories as aborted before the SDK closes;
+            # what it cannot deliver in time waits in its outbox for the next run.
+            fleet.cancel()
+            await asyncio.gather(fleet, return_exceptions=True)
+            await sdk.close()
+        if not delivered:
+            raise DemoError(
+                f"{sdk.stats.submitted - sdk.stats.acked} events were not acknowledged by NATS within "
+                f"{self.args.wait_timeout:.0f} s; they wait in {shown(outbox)} and go out on the next run. "
+                f"Is nats-server healthy? (`{self.stack_command('status')}`)"
+            )
+        c.item(
+            f"{result.ended} trajectories recorded, {sdk.stats.acked:,} events acknowledged by the stream "
+            f"in {time.monotonic() - began:.1f} s"
+        )
+        return result
+
+    async def deliver(self, sdk: Recorder, result: FleetResult, began: float) -> bool:
+        deadline = time.monotonic() + self.args.wait_timeout
+        while time.monotonic() < deadline:
+            if await sdk.flush(0.1):
+                return True
+            self.console.progress(self.fleet_line(result, sdk, began))
+        return False
+
+    def fleet_line(self, result: FleetResult, sdk: Recorder, began: float) -> str:
+        replayed = f" ({sdk.stats.replayed:,} of them left by an earlier run)" if sdk.stats.replayed else ""
+        return (
+            f"{result.ended}/{self.plan.trajectories} trajectories recorded · {result.running_agents} agents playing · "
+            f"{sdk.stats.submitted:,} events · {sdk.stats.acked:,} acked by the stream{replayed} · "
+            f"{time.monotonic() - began:.1f} s"
+        )
+
+    def describe_policy(self) -> str:
+        parts = []
+        for trend in TRENDS:
+            p = self.policy.probabilities(trend)
+            parts.append(f"{trend}: " + "/".join(f"{a} {p[a]:.0%}" for a in ACTIONS))
+        return "; ".join(parts)
+
+    async def wait_finalized(self, conn: asyncpg.Connection, ids: list[uuid.UUID], recorder: RecorderProcess) -> None:
+        c, total = self.console, len(ids)
+        c.section(4, SECTIONS, "Recorder: storing every event and proving each trajectory complete")
+        began = time.monotonic()
+        counts: dict[str, int] = {}
+        while True:
+            counts = await finalized_counts(conn, ids)
+            finalized = sum(n for status, n in counts.items() if status != "recording")
+            seen = sum(counts.values())
+            c.progress(
+                f"{finalized}/{total} trajectories finalized · {seen - finalized} still recording · "
+                f"{total - seen} not seen yet · {time.monotonic() - began:.1f} s"
+            )
+            if finalized == total:
+                break
+            if not recorder.alive:
+                raise DemoError(
+                    f"the recorder stopped (status {recorder.process.returncode if recorder.process else '?'}) "
+                    f"before finalizing the run; last lines of {shown(recorder.log.path)}:\n{recorder.log_tail()}"
+                )
+            if time.monotonic() - began > self.args.wait_timeout:
+                raise DemoError(
+                    f"after {self.args.wait_timeout:.0f} s only {finalized} of {total} trajectories are finalized "
+                    f"({seen - finalized} still recording, {total - seen} not seen). The recorder's log "
+                    f"({shown(recorder.log.path)}) ends with:\n{recorder.log_tail()}"
+                )
+            await asyncio.sleep(0.2)
+        by_status = ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        c.item(f"all {total} finalized in {time.monotonic() - began:.1f} s after the fleet finished: {by_status}")
+
+    # --- output ----------------------------------------------------------------------------------------
+
+    def print_summary(self, s: Summary) -> None:
+        c = self.console
+        c.section(5, SECTIONS, f"Summary of this run, read back from PostgreSQL (schema {SCHEMA})")
+        statuses = "  ".join(f"{status} {n}" for status, n in sorted(s.statuses.items(), key=lambda kv: -kv[1]))
+        c.item(f"Trajectories by status:  {statuses or 'none'}")
+        c.item(f"Events stored by type:   {s.total_events:,} in all")
+        for event_type, n in s.events.items():
+            c.item(f"    {event_type:<19}{n:>7,}")
+        c.item(
+            f"LLM calls recorded:      {s.llm_calls:,} (OpenAI chat form with a `trade` tool call; "
+            f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion tokens, estimated)"
+        )
+        c.item(f"Dead letters:            {s.dead_letters_run} (0 expected; {s.dead_letters_total} in the table)")
+        shown_rows = s.scenarios[: self.args.show_scenarios]
+        c.item(f"Reward per scenario (GRPO group), {len(shown_rows)} of {len(s.scenarios)}:")
+        c.item(f"    {'scenario':<18}{'agents':>7}{'mean':>9}{'min':>9}{'max':>9}")
+        for row in shown_rows:
+            c.item(f"    {row.scenario_id:<18}{row.trajectories:>7}{row.mean:>+9.2f}{row.low:>+9.2f}{row.high:>+9.2f}")
+        count = sum(row.trajectories for row in s.scenarios)
+        if count:
+            mean = sum(row.mean * row.trajectories for row in s.scenarios) / count
+            c.item(
+                f"    mean reward {mean:+.2f} over {count} trajectories; {s.groups_with_spread} of "
+                f"{len(s.scenarios)} groups have a reward spread (what GRPO learns from)"
+            )
+        if s.example is not None:
+            e = s.example
+            reward = f", reward {e.reward:+.2f}" if e.reward is not None else ""
+            c.item(f"One recorded decision ({e.agent_id}, step {e.step}):")
+            c.item(f'    user: "{e.prompt}"')
+            c.item(f"    assistant: {e.tool_call}{reward}")
+        c.item(f"The database holds {s.trajectories_in_database:,} trajectories in all (earlier runs included).")
+
+    def print_where_to_look(self, endpoints: StackEndpoints, recorder: RecorderProcess, stopped: bool) -> None:
+        c = self.console
+        c.say()
+        c.say("Where to look")
+        dsn = f"{endpoints.pg_dsn}?options=-csearch_path%3D{SCHEMA}"
+        c.item(f"{'PostgreSQL':<14}{_psql()} {shlex.quote(dsn)}")
+        c.item(f"{'':<14}e.g. SELECT scenario_id, agent_id, total_reward FROM trajectories ORDER BY 3 DESC LIMIT 5;")
+        if stopped:
+            c.item(f"{'Recorder':<14}stopped (SIGTERM, graceful); --keep-running leaves it up with its metrics")
+        else:
+            c.item(f"{'Recorder':<14}{recorder.metrics_url} (still running; stop it with: kill {self.kept_pid})")
+        c.item(f"{'':<14}log: {shown(recorder.log.path)}")
+        c.item(f"{'NATS monitor':<14}{endpoints.nats_monitor_url}/jsz?streams=true")
+        c.item(
+            f"{'Stack':<14}`{self.stack_hint('status')}` shows it; `{self.stack_hint('down')}` stops it "
+            "(its data stays for the next run)"
+        )
+        c.say()
+        c.say(f"Note: {STAND_IN_NOTE}.")
+        c.say(f"Next: {NEXT_ISSUES}.")
+
+    def check(self, s: Summary) -> list[str]:
+        problems = []
+        completed = s.statuses.get("completed", 0)
+        if completed != self.plan.trajectories:
+            problems.append(f"{completed} of {self.plan.trajectories} trajectories completed ({s.statuses})")
+        expected_events = self.plan.trajectories * self.plan.events_per_trajectory
+        if s.total_events != expected_events:
+            problems.append(f"{s.total_events} events stored, {expected_events} sent")
+        if s.dead_letters_run:
+            problems.append(
+                f"{s.dead_letters_run} dead letters during this run: "
+                f"SELECT reason FROM {SCHEMA}.dead_letters ORDER BY failed_at DESC"
+            )
+        return problems
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def stack_command(self, command: str) -> str:
+        words = ["cuneiform-stack", command]
+        if self.args.data_dir != DEFAULT_DATA_DIR:
+            words += ["--data-dir", str(self.args.data_dir)]
+        return shlex.join(words)
+
+    def stack_hint(self, command: str) -> str:
+        """The make target for the default stack, the CLI with its --data-dir otherwise."""
+        if self.args.data_dir == DEFAULT_DATA_DIR:
+            return f"make stack-{command}"
+        return self.stack_command(command)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM does what Ctrl-C does (inside asyncio.run: cancel the run, so cleanup happens in order)."""
+    on_sigint = signal.getsignal(signal.SIGINT)
+    if callable(on_sigint):
+        on_sigint(signal.SIGINT, frame)
+    else:  # SIGINT ignored (started in the background by a shell): stop all the same
+        raise KeyboardInterrupt
+
+
+def _psql() -> str:
+    found = shutil.which("psql")
+    if found:
+        return "psql"
+    try:
+        from cuneiform_stack.postgres import postgres_bin_dir
+
+        return shown(postgres_bin_dir() / "psql")
+    except (ImportError, StackError):
+        return "psql"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cuneiform-demo",
+        description="Start the embedded stack and the recorder, run a simulated fleet of trading agents that "
+        "record every decision through the SDK, and show what was stored. The agents' 'LLM' is a tabular "
+        "softmax policy, a stand-in for a real model.",
+    )
+    parser.add_argument("--agents", type=_positive, default=24, help="agents playing at once (default: 24)")
+    parser.add_argument("--episodes", type=_positive, default=5, help="episodes per agent (default: 5)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"the embedded stack's data directory, started or reused (default: {DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--keep-running", action="store_true", help="leave the recorder running afterwards (the stack always stays)"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed of the markets and choices (default: random)")
+    parser.add_argument("--group-size", type=_positive, default=4, help="agents per scenario group (default: 4)")
+    parser.add_argument("--steps", type=_positive, default=8, help="steps per episode (default: 8)")
+    parser.add_argument(
+        "--step-delay", type=float, default=0.05, help="simulated thinking time per decision, seconds (default: 0.05)"
+    )
+    parser.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for the recorder to start")
+    parser.add_argument(
+        "--wait-timeout", type=float, default=120.0, help="seconds to wait for delivery and for the recorder to finish"
+    )
+    parser.add_argument("--show-scenarios", type=int, default=5, help="scenario rows in the summary (default: 5)")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

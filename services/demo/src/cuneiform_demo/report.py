@@ -1,0 +1,116 @@
+"""What the run left in PostgreSQL: read back from the recorder's tables, not from the demo's memory."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+from cuneiform_sdk.contract import EVENT_TYPES
+
+#: The recorder's schema (it owns these tables; we only read them).
+SCHEMA = "recorder"
+
+
+@dataclass(frozen=True)
+class ScenarioRewards:
+    scenario_id: str
+    trajectories: int
+    mean: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Example:
+    agent_id: str
+    step: int
+    prompt: str
+    tool_call: str
+    reward: float | None
+
+
+@dataclass
+class Summary:
+    statuses: dict[str, int] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)
+    scenarios: list[ScenarioRewards] = field(default_factory=list)
+    llm_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    dead_letters_run: int = 0
+    dead_letters_total: int = 0
+    trajectories_in_database: int = 0
+    example: Example | None = None
+
+    @property
+    def total_events(self) -> int:
+        return sum(self.events.values())
+
+    @property
+    def groups_with_spread(self) -> int:
+        return sum(1 for s in self.scenarios if s.trajectories >= 2 and s.high > s.low)
+
+
+async def finalized_counts(conn: asyncpg.Connection, ids: list[uuid.UUID]) -> dict[str, int]:
+    """Trajectories of ``ids`` by recorder status (``recording`` until every event is stored)."""
+    rows = await conn.fetch(
+        f"SELECT status, count(*) AS n FROM {SCHEMA}.trajectories WHERE trajectory_id = ANY($1::uuid[]) "
+        "GROUP BY status",
+        ids,
+    )
+    return {r["status"]: r["n"] for r in rows}
+
+
+async def read_summary(conn: asyncpg.Connection, ids: list[uuid.UUID], run_started: datetime) -> Summary:
+    summary = Summary()
+    summary.statuses = await finalized_counts(conn, ids)
+    rows = await conn.fetch(
+        f"SELECT type, count(*) AS n FROM {SCHEMA}.events WHERE trajectory_id = ANY($1::uuid[]) GROUP BY type", ids
+    )
+    found = {r["type"]: r["n"] for r in rows}
+    summary.events = {t: found.pop(t, 0) for t in EVENT_TYPES} | found
+    rows = await conn.fetch(
+        f"""SELECT scenario_id, count(*) AS n, avg(total_reward) AS mean, min(total_reward) AS low,
+                   max(total_reward) AS high
+              FROM {SCHEMA}.trajectories WHERE trajectory_id = ANY($1::uuid[])
+             GROUP BY scenario_id ORDER BY min(started_at), scenario_id""",
+        ids,
+    )
+    summary.scenarios = [
+        ScenarioRewards(r["scenario_id"], r["n"], r["mean"] or 0.0, r["low"] or 0.0, r["high"] or 0.0) for r in rows
+    ]
+    row = await conn.fetchrow(
+        f"""SELECT count(*) AS n, coalesce(sum(prompt_tokens), 0) AS prompt,
+                   coalesce(sum(completion_tokens), 0) AS completion
+              FROM {SCHEMA}.llm_calls WHERE trajectory_id = ANY($1::uuid[])""",
+        ids,
+    )
+    assert row is not None
+    summary.llm_calls, summary.prompt_tokens, summary.completion_tokens = row["n"], row["prompt"], row["completion"]
+    summary.dead_letters_run = await conn.fetchval(
+        f"SELECT count(*) FROM {SCHEMA}.dead_letters WHERE failed_at >= $1", run_started
+    )
+    summary.dead_letters_total = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.dead_letters")
+    summary.trajectories_in_database = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.trajectories")
+    example = await conn.fetchrow(
+        f"""SELECT t.agent_id, l.step, l.messages::text AS messages, l.response::text AS response, a.reward
+              FROM {SCHEMA}.llm_calls l
+              JOIN {SCHEMA}.trajectories t USING (trajectory_id)
+              LEFT JOIN {SCHEMA}.actions a ON a.trajectory_id = l.trajectory_id AND a.llm_call_id = l.call_id
+             WHERE l.trajectory_id = $1 ORDER BY l.step LIMIT 1""",
+        ids[0],
+    )
+    if example is not None:
+        messages = json.loads(example["messages"])
+        call = json.loads(example["response"])["tool_calls"][0]["function"]
+        summary.example = Example(
+            agent_id=example["agent_id"],
+            step=example["step"],
+            prompt=str(messages[-1]["content"]),
+            tool_call=f"{call['name']}({call['arguments']})",
+            reward=example["reward"],
+        )
+    return summary

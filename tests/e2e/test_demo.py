@@ -1,0 +1,119 @@
+"""``cuneiform-demo`` run as a user runs it: a fresh embedded stack, the recorder, a small fleet.
+
+The stack lives in a folder of its own (``tempfile.mkdtemp``, not pytest's tmp_path: PostgreSQL runs
+as its own user when we are root, and pytest's temp root is 0700), and is stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import query, scalar
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+BIN = Path(sys.executable).parent
+AGENTS, EPISODES, STEPS = 6, 2, 8
+TRAJECTORIES = AGENTS * EPISODES
+EVENTS_PER_TRAJECTORY = 2 + 5 * STEPS
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def command(name: str) -> str:
+    script = BIN / name
+    assert script.is_file(), f"{script} is missing: run `make install`"
+    return str(script)
+
+
+async def test_make_demo_records_a_fleet_end_to_end() -> None:
+    folder = Path(tempfile.mkdtemp(prefix="cuneiform-e2e-demo-"))
+    data_dir, env_file = folder / "stack", folder / "stack.env"
+    # Only the test's own settings: a developer's CUNEIFORM_* variables must not leak in.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUNEIFORM_")}
+    env["CUNEIFORM_ENV_FILE"] = str(env_file)
+    try:
+        began = time.monotonic()
+        run = await asyncio.to_thread(
+            subprocess.run,
+            [
+                command("cuneiform-demo"),
+                "--agents",
+                str(AGENTS),
+                "--episodes",
+                str(EPISODES),
+                "--data-dir",
+                str(data_dir),
+            ],
+            env=env,
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        took = time.monotonic() - began
+        output = f"--- stdout\n{run.stdout}\n--- stderr\n{run.stderr}"
+        assert run.returncode == 0, output
+
+        # What the user reads: every trajectory completed, nothing dead-lettered, the stand-in said plainly.
+        assert re.search(rf"Trajectories by status:\s+completed {TRAJECTORIES}\s*$", run.stdout, re.M), output
+        assert re.search(r"Dead letters:\s+0\b", run.stdout), output
+        assert re.search(rf"Events stored by type:\s+{TRAJECTORIES * EVENTS_PER_TRAJECTORY:,} in all", run.stdout), (
+            output
+        )
+        assert "tabular softmax policy" in run.stdout and "stand-in" in run.stdout, output
+        assert "next issues" in run.stdout, output
+        assert "Where to look" in run.stdout and "psql" in run.stdout, output
+        assert (data_dir / "logs" / "recorder.log").is_file()
+        print(f"cuneiform-demo took {took:.1f} s")
+
+        # What the user would check in PostgreSQL, with the DSN from the env file the stack wrote.
+        dsn = read_env_file(env_file)["CUNEIFORM_PG_DSN"]
+        statuses = dict(await query(dsn, "SELECT status, count(*) FROM recorder.trajectories GROUP BY status"))
+        assert statuses == {"completed": TRAJECTORIES}
+        assert await scalar(dsn, "SELECT count(*) FROM recorder.events") == TRAJECTORIES * EVENTS_PER_TRAJECTORY
+        assert await scalar(dsn, "SELECT count(*) FROM recorder.llm_calls") == TRAJECTORIES * STEPS
+        assert await scalar(dsn, "SELECT count(*) FROM recorder.rewards") == TRAJECTORIES * STEPS
+        assert await scalar(dsn, "SELECT count(*) FROM recorder.dead_letters") == 0
+        # Each trajectory is proven complete by its own count, and its total is the sum of its step rewards.
+        mismatched = await scalar(
+            dsn,
+            """SELECT count(*) FROM recorder.trajectories t
+                WHERE t.stored_events <> t.expected_events
+                   OR abs(t.total_reward - (SELECT sum(value) FROM recorder.rewards r
+                                             WHERE r.trajectory_id = t.trajectory_id)) > 1e-6""",
+        )
+        assert mismatched == 0
+        # GRPO groups: 6 agents in groups of at most 4 make 2 groups of 3 per round, each sharing one market.
+        groups = await query(dsn, "SELECT scenario_id, count(*) AS n FROM recorder.trajectories GROUP BY scenario_id")
+        assert sorted(r["n"] for r in groups) == [3] * (2 * EPISODES)
+        # The recorded decisions look like a tool-using LLM agent's.
+        call = (await query(dsn, "SELECT messages, tools, response, model FROM recorder.llm_calls LIMIT 1"))[0]
+        assert [m["role"] for m in call["messages"]] == ["system", "user"]
+        assert call["tools"][0]["function"]["name"] == "trade"
+        assert call["response"]["tool_calls"][0]["function"]["name"] == "trade"
+        assert call["model"] == "demo-policy"
+    finally:
+        down = await asyncio.to_thread(
+            subprocess.run,
+            [command("cuneiform-stack"), "down", "--data-dir", str(data_dir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+    assert down.returncode == 0, down.stdout + down.stderr
