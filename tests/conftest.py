@@ -29,6 +29,8 @@ import asyncpg
 import nats
 import pytest
 from cuneiform_core.settings import ConnectionSettings
+from cuneiform_core.topology import Topology, ensure_topology
+from nats.js import JetStreamContext
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,25 @@ async def nats_prefix(servers: Servers) -> AsyncIterator[str]:
         await nc.close()
 
 
+#: A small stream budget: JetStream reserves it for every test namespace while the test runs.
+TEST_STORAGE_GIB = 0.05
+
+
+@pytest.fixture
+def topology(nats_prefix: str) -> Topology:
+    return Topology(nats_prefix, storage_gib=TEST_STORAGE_GIB)
+
+
+@pytest.fixture
+async def js(servers: Servers, topology: Topology) -> AsyncIterator[JetStreamContext]:
+    """JetStream on the session's server, with this test's streams and buckets created."""
+    nc = await nats.connect(servers.nats_url)
+    js = nc.jetstream()
+    await ensure_topology(js, topology)
+    yield js
+    await nc.close()
+
+
 @pytest.fixture
 def connection(servers: Servers, pg_dsn: str, nats_prefix: str) -> ConnectionSettings:
     """Connection settings of a whole isolated deployment: own namespace, database and bucket."""
@@ -154,7 +175,6 @@ def connection(servers: Servers, pg_dsn: str, nats_prefix: str) -> ConnectionSet
         "s3_secret_key": servers.s3_secret_key,
         "s3_region": servers.s3_region,
         "s3_bucket": _unique("b").lower(),
-        # Small budget: JetStream reserves it per test namespace.
-        "nats_storage_gib": 0.05,
+        "nats_storage_gib": TEST_STORAGE_GIB,
     }
     return ConnectionSettings(**values)

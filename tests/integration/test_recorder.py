@@ -11,11 +11,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from cuneiform_core.service import Service
 from cuneiform_core.settings import ConnectionSettings
-from cuneiform_core.topology import DLQ, PIPELINE, Topology, ensure_topology
+from cuneiform_core.topology import DLQ, PIPELINE, Topology
 from cuneiform_recorder.main import build
 from cuneiform_recorder.settings import RecorderSettings
 from cuneiform_sdk import Recorder
@@ -25,15 +24,6 @@ from nats.js import JetStreamContext
 from tests.support import eventually, query, scalar
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def js(connection: ConnectionSettings) -> AsyncIterator[JetStreamContext]:
-    nc = await nats.connect(connection.nats_url)
-    js = nc.jetstream()
-    await ensure_topology(js, Topology.of(connection))
-    yield js
-    await nc.close()
 
 
 @pytest.fixture

@@ -10,13 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
 import asyncpg
-import nats
 import pytest
 from cuneiform_core.db import Migration
 from cuneiform_core.runtime import ConsumerOptions, Delivery, PermanentError
 from cuneiform_core.service import Service
 from cuneiform_core.settings import SERVICE_CONFIG, ConnectionSettings, ServiceSettings
-from cuneiform_core.topology import DLQ, TRAJECTORIES, Topology, ensure_topology
+from cuneiform_core.topology import DLQ, TRAJECTORIES, Topology
 from nats.js import JetStreamContext
 from pydantic_settings import SettingsConfigDict
 
@@ -48,15 +47,6 @@ async def store(pool: asyncpg.Pool, items: Sequence[dict[str, Any]]) -> None:
 
 
 Handler = Callable[[Service, Sequence[dict[str, Any]]], Awaitable[Any]]
-
-
-@pytest.fixture
-async def js(connection: ConnectionSettings) -> AsyncIterator[JetStreamContext]:
-    nc = await nats.connect(connection.nats_url)
-    js = nc.jetstream()
-    await ensure_topology(js, Topology.of(connection))
-    yield js
-    await nc.close()
 
 
 @pytest.fixture

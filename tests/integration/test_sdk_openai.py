@@ -8,7 +8,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -107,15 +107,6 @@ def fake_model() -> Iterator[FakeModel]:
     yield model
     model.server.shutdown()
     model.server.server_close()
-
-
-@pytest.fixture
-async def js(servers: Servers, nats_prefix: str) -> AsyncIterator[JetStreamContext]:
-    nc = await nats.connect(servers.nats_url)
-    js = nc.jetstream()
-    await ensure_topology(js, Topology(nats_prefix, storage_gib=0.05))
-    yield js
-    await nc.close()
 
 
 async def llm_calls(js: JetStreamContext, prefix: str, recorded: dict[Any, int]) -> list[LlmCall]:

@@ -9,7 +9,6 @@ import hashlib
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,15 +91,6 @@ def check_exactly_once(
             "the end was stored before an event of its trajectory"
         )
     return by_trajectory
-
-
-@pytest.fixture
-async def js(servers: Servers, nats_prefix: str) -> AsyncIterator[JetStreamContext]:
-    nc = await nats.connect(servers.nats_url)
-    js = nc.jetstream()
-    await ensure_topology(js, Topology(nats_prefix, storage_gib=0.05))
-    yield js
-    await nc.close()
 
 
 @pytest.fixture

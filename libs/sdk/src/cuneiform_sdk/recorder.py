@@ -332,7 +332,43 @@ def default_outbox_dir() -> Path:
     return Path(os.environ.get("CUNEIFORM_OUTBOX_DIR", ".cuneiform/outbox/default"))
 
 
-class Recorder:
+class TrajectoryFactory:
+    """``trajectory()``, shared by ``Recorder`` and ``SyncRecorder``: they differ only in how an
+    event reaches the publisher (``_submit``) and where the subject prefix comes from."""
+
+    @property
+    def prefix(self) -> str:
+        raise NotImplementedError
+
+    def _submit(self, event: Envelope, subject: str, is_end: bool) -> None:
+        raise NotImplementedError
+
+    def trajectory(
+        self,
+        *,
+        agent_id: str,
+        model: ModelLike,
+        scenario_id: str | None = None,
+        episode_id: str | None = None,
+        environment: JsonValue = None,
+        metadata: Mapping[str, JsonValue] | None = None,
+        trajectory_id: uuid.UUID | None = None,
+    ) -> TrajectoryRecording:
+        """A new trajectory of ``agent_id``; use it with ``async with``/``with``, or call ``start()``."""
+        return TrajectoryRecording(
+            self._submit,
+            agent_id=agent_id,
+            model=model,
+            scenario_id=scenario_id,
+            episode_id=episode_id,
+            environment=environment,
+            metadata=metadata,
+            trajectory_id=trajectory_id,
+            prefix=self.prefix,
+        )
+
+
+class Recorder(TrajectoryFactory):
     """The agent's connection to Cuneiform; one per process, shared by all its trajectories."""
 
     def __init__(
@@ -348,12 +384,12 @@ class Recorder:
         spill_after: float = 2.0,
     ) -> None:
         self.nats_url = nats_url or os.environ.get("CUNEIFORM_NATS_URL", "nats://127.0.0.1:4222")
-        self.prefix = prefix if prefix is not None else os.environ.get("CUNEIFORM_NATS_PREFIX", "")
+        self._prefix = prefix if prefix is not None else os.environ.get("CUNEIFORM_NATS_PREFIX", "")
         self.outbox = DiskOutbox(Path(outbox_dir) if outbox_dir is not None else default_outbox_dir())
         self._publisher = Publisher(
             self.nats_url,
             self.outbox,
-            prefix=self.prefix,
+            prefix=self._prefix,
             redact=redact,
             batch_size=batch_size,
             max_buffer=max_buffer,
@@ -362,35 +398,16 @@ class Recorder:
         )
 
     @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    @property
     def stats(self) -> PublisherStats:
         return self._publisher.stats
 
     @property
     def connected(self) -> bool:
         return self._publisher.connected
-
-    def trajectory(
-        self,
-        *,
-        agent_id: str,
-        model: ModelLike,
-        scenario_id: str | None = None,
-        episode_id: str | None = None,
-        environment: JsonValue = None,
-        metadata: Mapping[str, JsonValue] | None = None,
-        trajectory_id: uuid.UUID | None = None,
-    ) -> TrajectoryRecording:
-        return TrajectoryRecording(
-            self._publisher.submit,
-            agent_id=agent_id,
-            model=model,
-            scenario_id=scenario_id,
-            episode_id=episode_id,
-            environment=environment,
-            metadata=metadata,
-            trajectory_id=trajectory_id,
-            prefix=self.prefix,
-        )
 
     def _submit(self, event: Envelope, subject: str, is_end: bool) -> None:
         self._publisher.submit(event, subject, is_end)

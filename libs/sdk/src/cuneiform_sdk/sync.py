@@ -18,18 +18,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import threading
-import uuid
-from collections.abc import Mapping
 from typing import Any
-
-from pydantic import JsonValue
 
 from .contract import Envelope
 from .publisher import PublisherStats
-from .recorder import ModelLike, Recorder, TrajectoryRecording
+from .recorder import Recorder, TrajectoryFactory
 
 
-class SyncRecorder:
+class SyncRecorder(TrajectoryFactory):
     def __init__(self, nats_url: str | None = None, **options: Any) -> None:
         self._options = options
         self._nats_url = nats_url
@@ -71,28 +67,9 @@ class SyncRecorder:
     def connected(self) -> bool:
         return self.recorder.connected
 
-    def trajectory(
-        self,
-        *,
-        agent_id: str,
-        model: ModelLike,
-        scenario_id: str | None = None,
-        episode_id: str | None = None,
-        environment: JsonValue = None,
-        metadata: Mapping[str, JsonValue] | None = None,
-        trajectory_id: uuid.UUID | None = None,
-    ) -> TrajectoryRecording:
-        return TrajectoryRecording(
-            self._submit,
-            agent_id=agent_id,
-            model=model,
-            scenario_id=scenario_id,
-            episode_id=episode_id,
-            environment=environment,
-            metadata=metadata,
-            trajectory_id=trajectory_id,
-            prefix=self.recorder.prefix,
-        )
+    @property
+    def prefix(self) -> str:
+        return self.recorder.prefix
 
     def _submit(self, event: Envelope, subject: str, is_end: bool) -> None:
         # Validated in the caller's thread; handed to the publisher's loop without waiting. The
