@@ -23,7 +23,8 @@ async def query(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(dsn)
     try:
         await register_json_codecs(conn)
-        return await conn.fetch(sql, *args)
+        rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+        return rows
     finally:
         await conn.close()
 

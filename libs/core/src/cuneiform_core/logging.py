@@ -37,7 +37,17 @@ def configure_logging(service: str, level: str = "INFO", json: bool | None = Non
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                *([structlog.processors.dict_tracebacks] if json else []),
+                # No local variables in tracebacks: they would carry DSNs with passwords and raw
+                # event payloads (before redaction) into the logs.
+                *(
+                    [
+                        structlog.processors.ExceptionRenderer(
+                            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+                        )
+                    ]
+                    if json
+                    else []
+                ),
                 renderer,
             ],
             foreign_pre_chain=shared,

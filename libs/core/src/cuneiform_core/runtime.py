@@ -70,6 +70,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # includes ConnectionError and TimeoutError
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # Raised by asyncpg when a connection dies mid-operation (e.g. the reset on release during a fast
+    # shutdown of the server): an I/O failure, not a bad message.
+    asyncpg.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
     asyncpg.exceptions.SerializationError,
@@ -143,7 +146,11 @@ class ConsumerOptions:
     #: Attempts before a message that keeps failing with an unexpected error is dead-lettered.
     max_deliver: int = 5
     backoff_base: float = 0.5
+    #: Longest wait before redelivering a message whose handler failed unexpectedly.
     backoff_max: float = 30.0
+    #: Longest pause while a dependency is down: short, so the consumer resumes within seconds of
+    #: the dependency coming back.
+    transient_backoff_max: float = 5.0
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL
 
 
@@ -330,7 +337,9 @@ class BatchConsumer(Generic[T]):
 
     async def _retry_later(self, deliveries: list[Delivery], error: BaseException) -> None:
         self._consecutive_transient += 1
-        delay = backoff_delay(self._consecutive_transient, self.options.backoff_base, self.options.backoff_max)
+        delay = backoff_delay(
+            self._consecutive_transient, self.options.backoff_base, self.options.transient_backoff_max
+        )
         log.warning(
             "consumer.transient_failure",
             consumer=self.name,

@@ -56,7 +56,9 @@ class Recorder:
             stream=TRAJECTORIES,
             decode=decode,
             handle=self.handle,
-            options=ConsumerOptions(batch_size=settings.batch_size, concurrency=settings.concurrency),
+            options=ConsumerOptions(
+                batch_size=settings.batch_size, concurrency=settings.concurrency, ack_wait=settings.ack_wait_s
+            ),
             on_dead_letter=self.keep_dead_letter,
         )
         self.service.every(settings.sweep_interval_s, "sweep")(self.sweep)

@@ -24,6 +24,9 @@ class RecorderSettings(ServiceSettings):
     batch_size: int = Field(default=1000, ge=1, le=10_000)
     #: Batches in flight at once: the next is fetched and decoded while the previous one commits.
     concurrency: int = Field(default=2, ge=1, le=16)
+    #: Seconds before JetStream redelivers events a crashed recorder had fetched but not acked;
+    #: longer than the slowest batch commit.
+    ack_wait_s: float = Field(default=30.0, ge=1)
     #: A trajectory whose end arrived but whose events are still missing after this many seconds
     #: is marked ``incomplete`` (never trained on).
     incomplete_after_s: float = Field(default=300.0, gt=0)
