@@ -137,10 +137,23 @@ async def fill(
         await asyncio.sleep(0)  # let the publisher run, as an agent's loop would
         rounds += 1
         if progress and rounds % 5 == 0:
-            print(f"\r  recording: {recorded:,} events, {done:,}/{trajectories:,} trajectories", end="", flush=True)
+            progress(f"  recording: {recorded:,} events, {done:,}/{trajectories:,} trajectories")
     if progress:
         print()
     return recorded, costs
+
+
+_last_progress = 0.0
+
+
+def progress(line: str) -> None:
+    """A live line on a terminal; one line every few seconds when the output goes to a file."""
+    global _last_progress
+    if sys.stdout.isatty():
+        print(f"\r{line}", end="", flush=True)
+    elif time.monotonic() - _last_progress > 3:
+        _last_progress = time.monotonic()
+        print(line, flush=True)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -213,7 +226,7 @@ async def measure_recorder(env: dict[str, str], js: Any, topology: Topology, tot
         pending, ack_pending = await consumer_idle(js, stream, durable)
         rss.append(recorder.rss_mb())
         done = total - pending - ack_pending
-        print(f"\r  (a) recorder: {done:,}/{total:,} events stored, RSS {rss[-1]:.0f} MB", end="", flush=True)
+        progress(f"  (a) recorder: {done:,}/{total:,} events stored, RSS {rss[-1]:.0f} MB")
         if pending == 0 and ack_pending == 0:
             break
         await asyncio.sleep(0.2)
