@@ -338,3 +338,23 @@ async def test_two_replicas_on_one_consumer_store_everything_once(start_recorder
 
     await eventually(announced, what="60 completions")
     assert sorted(c["trajectory_id"] for c in await completions(js, topology)) == sorted(map(str, ids))
+
+
+async def test_a_batch_of_nothing_but_bad_claim_checks_is_dead_lettered_not_retried(
+    start_recorder, js, connection
+) -> None:  # type: ignore[no-untyped-def]
+    # Every message of such a batch is rejected before the database is touched: the handler must
+    # still finish (a regression once turned this into an endless "transient" retry).
+    topology = Topology.of(connection)
+    tid = uuid.uuid4()
+    subject = trajectory_subject("bad-agent", "step", connection.nats_prefix)
+    for n in range(3):
+        ref = {"bucket": topology.bucket("payloads"), "name": f"missing-{n}", "sha256": "0" * 64, "size": 10}
+        await js.publish(subject, json.dumps(raw_event(tid, n, "step", payload_ref=ref)).encode())
+    await start_recorder()
+
+    async def settled() -> bool:
+        return len(await dead_letters(js, topology)) == 3 and await _pending_zero(js, connection)
+
+    await eventually(settled, timeout=10, what="three dead letters and a drained consumer")
+    assert all("does not exist" in letter["reason"] for letter in await dead_letters(js, topology))

@@ -68,8 +68,7 @@ class TransientError(Exception):
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TransientError,
     OSError,  # includes ConnectionError and TimeoutError
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,  # includes "connection was closed in the middle of operation"
     # Raised by asyncpg when a connection dies mid-operation (e.g. the reset on release during a fast
     # shutdown of the server): an I/O failure, not a bad message.
     asyncpg.InternalClientError,
@@ -84,6 +83,17 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     nats.errors.TimeoutError,
     nats.errors.NoServersError,
 )
+
+
+def is_transient(error: BaseException) -> bool:
+    """Does this failure say "try again later" rather than "this input is bad"?
+
+    asyncpg's ``InterfaceError`` is mostly a programming or data error (wrong arguments, a value of
+    the wrong type), which retrying cannot fix; only its "connection is closed" form is transient.
+    """
+    if isinstance(error, TRANSIENT_ERRORS):
+        return True
+    return isinstance(error, asyncpg.InterfaceError) and "connection is closed" in str(error)
 
 
 class Delivery:
@@ -306,9 +316,6 @@ class BatchConsumer(Generic[T]):
     async def _handle_items(self, items: list[T], deliveries: list[Delivery]) -> None:
         try:
             rejected = await self._handle(items) or {}
-        except TRANSIENT_ERRORS as error:
-            await self._retry_later(deliveries, error)
-            return
         except PermanentError as error:
             if len(items) == 1:
                 await self._dead_letter(deliveries[0], "rejected", str(error))
@@ -316,6 +323,9 @@ class BatchConsumer(Generic[T]):
             await self._bisect(items, deliveries)
             return
         except Exception as error:
+            if is_transient(error):
+                await self._retry_later(deliveries, error)
+                return
             if len(items) == 1:
                 await self._poison(deliveries[0], error)
                 return

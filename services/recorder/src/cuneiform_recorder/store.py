@@ -134,6 +134,8 @@ async def store_events(conn: asyncpg.Connection, batch: Sequence[Event], redact:
         else:
             unique[event.event_id] = event
     events = list(unique.values())
+    if not events:  # every message of the batch was rejected (e.g. bad claim checks)
+        return result
     async with conn.transaction():
         columns = "event_id, trajectory_id, seq, type, occurred_at"
         select, arrays = _unnest(
