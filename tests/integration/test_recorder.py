@@ -3,6 +3,7 @@ agent would: every event stored once, trajectories proven complete, bad input de
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -358,3 +359,69 @@ async def test_a_batch_of_nothing_but_bad_claim_checks_is_dead_lettered_not_retr
 
     await eventually(settled, timeout=10, what="three dead letters and a drained consumer")
     assert all("does not exist" in letter["reason"] for letter in await dead_letters(js, topology))
+
+
+async def test_a_backlog_after_an_outage_is_not_mistaken_for_abandoned_trajectories(
+    start_recorder, js, connection
+) -> None:  # type: ignore[no-untyped-def]
+    prefix = connection.nats_prefix
+    dsn = connection.pg_dsn
+    events = raw_trajectory()  # started, step, llm_call, reward, ended (5)
+    tid = uuid.UUID(events[0]["trajectory_id"])
+    recorder = await start_recorder(abandoned_after_s=1.0, incomplete_after_s=1.0)
+    for event in events[:2]:
+        await publish_raw(js, prefix, event)
+
+    async def first_two() -> bool:
+        return await scalar(dsn, "SELECT stored_events FROM recorder.trajectories WHERE trajectory_id = $1", tid) == 2
+
+    await eventually(first_two, what="the first two events stored")
+    await recorder.stop()  # an outage: the agent goes on publishing into the stream
+    for _ in range(300):
+        for event in raw_trajectory():
+            await publish_raw(js, prefix, event)
+    for event in events[2:]:
+        await publish_raw(js, prefix, event)
+    await asyncio.sleep(1.5)  # longer than both grace periods
+    await start_recorder(abandoned_after_s=1.0, incomplete_after_s=1.0, batch_size=5, concurrency=1)
+
+    async def drained() -> bool:
+        return await _pending_zero(js, connection)
+
+    await eventually(drained, what="the backlog drained")
+    await asyncio.sleep(0.5)
+    row = (await query(dsn, "SELECT status, stored_events FROM recorder.trajectories WHERE trajectory_id = $1", tid))[0]
+    assert (row["status"], row["stored_events"]) == ("completed", 5)
+    assert await scalar(dsn, "SELECT count(*) FROM recorder.trajectories WHERE status <> 'completed'") == 0
+
+
+async def test_a_resent_position_does_not_fill_a_gap_and_a_finalized_trajectory_stays_as_announced(
+    start_recorder, js, connection
+) -> None:  # type: ignore[no-untyped-def]
+    await start_recorder()
+    prefix, dsn = connection.nats_prefix, connection.pg_dsn
+    events = raw_trajectory()
+    tid = uuid.UUID(events[0]["trajectory_id"])
+    # seq 1 twice under two event ids, seq 2 never: four distinct ids but only four of five positions.
+    for event in [events[0], events[1], events[1] | {"event_id": str(uuid.uuid4())}, events[3], events[4]]:
+        await publish_raw(js, prefix, event)
+    await eventually(lambda: _pending_zero(js, connection), what="drained")
+    row = (await query(dsn, "SELECT status, stored_events FROM recorder.trajectories WHERE trajectory_id = $1", tid))[0]
+    assert (row["status"], row["stored_events"]) == ("recording", 4)
+
+    await publish_raw(js, prefix, events[2])  # the gap filled: complete
+
+    async def completed() -> bool:
+        return (
+            await scalar(dsn, "SELECT status FROM recorder.trajectories WHERE trajectory_id = $1", tid) == "completed"
+        )
+
+    await eventually(completed, what="completed")
+    # A conflicting end arriving after the announcement does not rewrite the trajectory.
+    late_end = events[4] | {"event_id": str(uuid.uuid4()), "seq": 5, "status": "failed", "total_reward": -99.0}
+    await publish_raw(js, prefix, late_end)
+    await eventually(lambda: _pending_zero(js, connection), what="drained")
+    row = (await query(dsn, "SELECT * FROM recorder.trajectories WHERE trajectory_id = $1", tid))[0]
+    assert (row["status"], row["end_status"], row["expected_events"]) == ("completed", "completed", 5)
+    assert row["total_reward"] != -99.0
+    assert len(await completions(js, Topology.of(connection))) == 1

@@ -197,3 +197,10 @@ def test_events_are_frozen() -> None:
     step = one_of_each()[1]
     with pytest.raises(Exception, match="frozen"):
         step.seq = 9  # type: ignore[attr-defined]
+
+
+def test_a_claim_check_carrying_its_types_fields_is_still_a_claim_check() -> None:
+    # The fast path must not take a stub for the full event and skip fetching and verifying the body.
+    ref = {"bucket": "payloads", "name": "e1", "sha256": "a" * 64, "size": 10}
+    parsed = parse_event(json.dumps(envelope(1, type="step", step=3, payload_ref=ref)))
+    assert isinstance(parsed, ClaimCheck)

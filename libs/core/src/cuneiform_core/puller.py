@@ -25,6 +25,12 @@ from nats.aio.subscription import Subscription
 _STATUS = "Status"
 #: 404 no messages (no_wait), 408 request expired, 409 conflict (e.g. max waiting), 503 no responders.
 _REQUEST_ENDED = {"404", "408", "409", "503"}
+#: Per pull request: a batch of large events must not become gigabytes in memory.
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+
+
+class ConsumerUnavailableError(RuntimeError):
+    """The durable consumer did not answer (deleted, no JetStream, leadership lost): retry, recreate."""
 
 
 class Puller:
@@ -34,6 +40,7 @@ class Puller:
         self._buffer: list[Msg] = []
         self._signal = asyncio.Event()
         self._ended = 0
+        self._trouble: str | None = None
         self._sub: Subscription | None = None
         self._inbox = ""
 
@@ -62,6 +69,11 @@ class Puller:
             self._signal.set()
         elif status in _REQUEST_ENDED:
             self._ended += 1
+            description = (msg.headers or {}).get("Description", "")
+            # 503: no responders; 409 "Consumer Deleted" / "Consumer is push based": the consumer is
+            # gone. Other 409s (e.g. "Exceeded MaxWaiting") and 404/408 just end the request.
+            if status == "503" or (status == "409" and "consumer" in description.lower()):
+                self._trouble = f"{status} {description}".strip()
             self._signal.set()
         # 100: idle heartbeat / flow control; nothing to do.
 
@@ -69,15 +81,24 @@ class Puller:
         """Up to ``batch`` messages: at once if any are pending, else waiting up to ``max_wait``."""
         if self._buffer:
             return self._take(batch)
+        self._raise_trouble()
         ended = self._ended
-        await self._request({"batch": batch, "no_wait": True})
+        await self._request({"batch": batch, "no_wait": True, "max_bytes": MAX_BATCH_BYTES})
         await self._wait(lambda: len(self._buffer) >= batch or self._ended > ended, max_wait)
         if self._buffer:
             return self._take(batch)
+        self._raise_trouble()
         ended = self._ended
-        await self._request({"batch": batch, "expires": int(max_wait * 1e9)})
+        await self._request({"batch": batch, "expires": int(max_wait * 1e9), "max_bytes": MAX_BATCH_BYTES})
         await self._wait(lambda: bool(self._buffer) or self._ended > ended, max_wait + 0.5)
+        if not self._buffer:
+            self._raise_trouble()
         return self._take(batch)
+
+    def _raise_trouble(self) -> None:
+        trouble, self._trouble = self._trouble, None
+        if trouble is not None:
+            raise ConsumerUnavailableError(f"pull request refused: {trouble}")
 
     def _take(self, batch: int) -> list[Msg]:
         taken, self._buffer = self._buffer[:batch], self._buffer[batch:]

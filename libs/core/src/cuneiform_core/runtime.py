@@ -48,7 +48,7 @@ from pydantic import ValidationError
 from .events import DeadLetter, publish, stable_id
 from .logging import get_logger
 from .observability import BATCH_SIZE, DEAD_LETTERS, HANDLER_SECONDS, MESSAGES
-from .puller import Puller
+from .puller import ConsumerUnavailableError, Puller
 from .topology import DLQ, Topology, dlq_subject
 
 log = get_logger(__name__)
@@ -266,6 +266,17 @@ class BatchConsumer(Generic[T]):
                 continue
             try:
                 msgs = await self._puller.fetch(self.options.batch_size, self.options.max_wait)
+            except ConsumerUnavailableError as error:
+                failures += 1
+                delay = backoff_delay(failures, self.options.backoff_base, self.options.transient_backoff_max)
+                log.warning("consumer.unavailable", consumer=self.name, error=str(error), retry_in_s=round(delay, 2))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                # Deleted by an operator or lost with a server: create it again (idempotent).
+                assert self._broker is not None
+                with contextlib.suppress(Exception):
+                    await self._broker.connection.jetstream().add_consumer(self.stream, self.consumer_config())
+                continue
             except TRANSIENT_ERRORS as error:
                 failures += 1
                 delay = backoff_delay(failures, self.options.backoff_base, self.options.backoff_max)
@@ -409,8 +420,9 @@ class BatchConsumer(Generic[T]):
             )
             if self._on_dead_letter is not None:
                 await self._on_dead_letter(letter)
-        except TRANSIENT_ERRORS as error:
-            # Cannot record it now: leave it to be redelivered, it will be dead-lettered then.
+        except Exception as error:
+            # Cannot record it now (DLQ stream unreachable, missing or full): leave this one message
+            # to be redelivered and dead-lettered then; the rest of the batch goes on.
             log.warning("consumer.dead_letter_deferred", consumer=self.name, error=repr(error))
             await _quietly(delivery.raw.nak(delay=self.options.backoff_max))
             return

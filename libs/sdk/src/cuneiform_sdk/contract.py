@@ -337,10 +337,13 @@ def parse_event(raw: bytes | str) -> Event | ClaimCheck:
     The common case — a valid full event — is parsed and validated in one pass by pydantic-core;
     anything else takes the slower path that explains exactly what is wrong.
     """
-    try:
-        return _event_adapter.validate_json(raw)
-    except ValidationError:
-        pass
+    # A claim check may carry fields of its type too; it must never pass for the full event.
+    marker: str | bytes = "payload_ref" if isinstance(raw, str) else b"payload_ref"
+    if marker not in raw:  # type: ignore[operator]
+        try:
+            return _event_adapter.validate_json(raw)
+        except ValidationError:
+            pass
     import json  # stdlib keeps the SDK light
 
     try:

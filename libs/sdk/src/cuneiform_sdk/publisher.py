@@ -27,6 +27,7 @@ the client reconnects with a full buffer.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import itertools
@@ -544,13 +545,21 @@ class Publisher:
     async def _claim_check(self, event: OutgoingEvent) -> bytes:
         assert self._js is not None
         store = await self._js.object_store(self._payloads_bucket)
-        await store.put(event.msg_id, event.payload)
+        digest = hashlib.sha256(event.payload).digest()
+        # A retry (its ack was lost) must not upload again: a new version purges the chunks a recorder
+        # may be reading. The name is the event id and the body never changes, so one upload is enough.
+        try:
+            existing = await store.get_info(event.msg_id)
+        except nats.js.errors.NotFoundError:
+            existing = None
+        if existing is None or existing.digest != "SHA-256=" + base64.urlsafe_b64encode(digest).decode():
+            await store.put(event.msg_id, event.payload)
         body = json.loads(event.payload)
         stub = {key: body[key] for key in _ENVELOPE_KEYS}
         stub["payload_ref"] = {
             "bucket": self._payloads_bucket,
             "name": event.msg_id,
-            "sha256": hashlib.sha256(event.payload).hexdigest(),
+            "sha256": digest.hex(),
             "size": len(event.payload),
         }
         self.stats.claim_checked += 1

@@ -8,6 +8,7 @@ second copy: exactly one ``completed`` per trajectory).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ import asyncpg
 import orjson
 from cuneiform_core.events import DeadLetter, TrajectoryCompleted, publish, stable_id
 from cuneiform_core.logging import get_logger
-from cuneiform_core.runtime import ConsumerOptions, Delivery, PermanentError
+from cuneiform_core.runtime import ConsumerOptions, Delivery, PermanentError, TransientError
 from cuneiform_core.service import Service, run
 from cuneiform_core.settings import ConnectionSettings
 from cuneiform_core.topology import PAYLOADS_BUCKET, PIPELINE, TRAJECTORIES, TRAJECTORY_COMPLETED
@@ -36,6 +37,10 @@ COMMIT_SECONDS = Histogram(
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 FINALIZED = Counter("cuneiform_recorder_trajectories_finalized_total", "Trajectories by final status", ["status"])
+CLAIM_CHECK_READ_TIMEOUT_S = 30.0
+#: Trajectories finalized late, or completions re-published, per sweep: bounded, the next sweep goes on.
+SWEEP_LIMIT = 1000
+
 RECORDING = Gauge("cuneiform_recorder_trajectories_recording", "Trajectories still waiting for events")
 
 
@@ -62,6 +67,7 @@ class Recorder:
             on_dead_letter=self.keep_dead_letter,
         )
         self.service.every(settings.sweep_interval_s, "sweep")(self.sweep)
+        self._stream_last_seq: int | None = None
 
     # --- the hot path ----------------------------------------------------------------------------------
 
@@ -83,6 +89,8 @@ class Recorder:
         for kind, counts in (("stored", result.stored), ("duplicate", result.duplicates)):
             for event_type, count in counts.items():
                 EVENTS.labels(event_type, kind).inc(count)
+        for f in result.finalized:
+            FINALIZED.labels(f.status).inc()
         await self.announce(result.finalized)
         return rejected
 
@@ -100,9 +108,19 @@ class Recorder:
         js = self.service.broker.connection.jetstream()
         try:
             store = await js.object_store(ref.bucket)
-            body = (await store.get(ref.name)).data or b""
+            info = await store.get_info(ref.name)
+            if info.size != ref.size:  # checked before reading: never download more than announced
+                raise PermanentError(
+                    f"claim check size mismatch: object {ref.bucket}/{ref.name} has {info.size} bytes, "
+                    f"the event announced {ref.size}"
+                )
+            # nats-py's read has no deadline of its own (it can wait forever on chunks that a
+            # concurrent re-upload purged): bound it, and retry the batch later.
+            body = (await asyncio.wait_for(store.get(ref.name), CLAIM_CHECK_READ_TIMEOUT_S)).data or b""
         except NotFoundError:
             raise PermanentError(f"claim check names object {ref.bucket}/{ref.name}, which does not exist") from None
+        except TimeoutError:
+            raise TransientError(f"reading claim-checked object {ref.bucket}/{ref.name} timed out") from None
         digest = hashlib.sha256(body).hexdigest()
         if digest != ref.sha256 or len(body) != ref.size:
             raise PermanentError(
@@ -122,12 +140,10 @@ class Recorder:
     async def announce(self, finalized: list[Finalized]) -> None:
         """Publish ``pipeline.trajectory.completed`` for each, then mark it published.
 
-        Runs after the commit; if NATS is unreachable now, the sweep publishes them later."""
-        if not finalized:
-            return
+        Runs after the commit. At the first failure it stops — the batch's ack must not wait on a
+        slow broker — and the sweep publishes the rest later under the same event ids."""
         published = []
         for f in finalized:
-            FINALIZED.labels(f.status).inc()
             event = TrajectoryCompleted(
                 event_id=stable_id("trajectory.completed", f.trajectory_id),
                 trajectory_id=f.trajectory_id,
@@ -149,7 +165,7 @@ class Recorder:
                 )
             except Exception as error:
                 log.warning("recorder.completion_deferred", trajectory_id=str(f.trajectory_id), error=repr(error))
-                continue
+                break
             published.append(f.trajectory_id)
         if published:
             await self.service.pool.execute(
@@ -157,31 +173,54 @@ class Recorder:
                 published,
             )
 
+    async def caught_up(self) -> bool:
+        """Has this recorder stored everything that was in the stream one sweep ago?
+
+        "No event for the grace period" only means something when the recorder is not behind: after
+        an outage the missing events may simply be waiting in the backlog. The check compares the
+        consumer's ack floor with the stream's last sequence seen by the previous sweep."""
+        consumer = self.service.consumers[0]
+        js = self.service.broker.connection.jetstream()
+        stream = await js.stream_info(consumer.stream)
+        info = await js.consumer_info(consumer.stream, consumer.name)
+        previous, self._stream_last_seq = self._stream_last_seq, stream.state.last_seq
+        return previous is not None and info.ack_floor.stream_seq >= previous
+
     async def sweep(self) -> None:
         """Finalize trajectories past their grace periods; publish completions a crash left behind."""
-        async with self.service.pool.acquire() as conn:
-            late = await conn.fetch(
+        late: list[asyncpg.Record] = []
+        if await self.caught_up():
+            late = await self.service.pool.fetch(
                 f"""UPDATE trajectories SET
                         status = CASE WHEN expected_events IS NULL THEN 'abandoned' ELSE 'incomplete' END,
                         finalized_at = now()
-                    WHERE status = 'recording' AND (
-                        (expected_events IS NOT NULL AND last_event_at < now() - make_interval(secs => $1))
-                        OR (expected_events IS NULL AND last_event_at < now() - make_interval(secs => $2)))
+                    WHERE trajectory_id IN (
+                        SELECT trajectory_id FROM trajectories
+                        WHERE status = 'recording'
+                          AND last_event_at < now() - make_interval(secs => least($1::float8, $2::float8))
+                          AND CASE WHEN expected_events IS NULL
+                                   THEN last_event_at < now() - make_interval(secs => $2::float8)
+                                   ELSE last_event_at < now() - make_interval(secs => $1::float8) END
+                        LIMIT $3)
+                      AND status = 'recording'
                     RETURNING {FINALIZED_COLUMNS}""",
                 self.settings.incomplete_after_s,
                 self.settings.abandoned_after_s,
+                SWEEP_LIMIT,
             )
-            unpublished = await conn.fetch(
-                f"""SELECT {FINALIZED_COLUMNS} FROM trajectories
-                    WHERE finalized_at IS NOT NULL AND completion_published_at IS NULL
-                      AND finalized_at < now() - interval '2 seconds'
-                    ORDER BY finalized_at LIMIT 1000"""
-            )
-            RECORDING.set(await conn.fetchval("SELECT count(*) FROM trajectories WHERE status = 'recording'"))
         for f in finalized_from(late):
+            FINALIZED.labels(f.status).inc()
             log.info("recorder.trajectory_finalized_late", trajectory_id=str(f.trajectory_id), status=f.status)
-        # Late ones were just finalized and are unpublished: announce them now with the stragglers.
+        # Late ones were just finalized: announce them now, with any a crash left unannounced.
+        unpublished = await self.service.pool.fetch(
+            f"""SELECT {FINALIZED_COLUMNS} FROM trajectories
+                WHERE finalized_at IS NOT NULL AND completion_published_at IS NULL
+                  AND finalized_at < now() - interval '2 seconds'
+                ORDER BY finalized_at LIMIT $1""",
+            SWEEP_LIMIT,
+        )
         await self.announce(finalized_from(late) + finalized_from(unpublished))
+        RECORDING.set(await self.service.pool.fetchval("SELECT count(*) FROM trajectories WHERE status = 'recording'"))
 
     # --- dead letters ----------------------------------------------------------------------------------
 

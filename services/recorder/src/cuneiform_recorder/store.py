@@ -133,7 +133,8 @@ async def store_events(conn: asyncpg.Connection, batch: Sequence[Event], redact:
             result.duplicates[event.type] += 1
         else:
             unique[event.event_id] = event
-    events = list(unique.values())
+    # Key order for the ledger too: two batches holding the same redelivered ids cannot deadlock.
+    events = sorted(unique.values(), key=lambda e: e.event_id)
     if not events:  # every message of the batch was rejected (e.g. bad claim checks)
         return result
     async with conn.transaction():
@@ -279,6 +280,31 @@ class _TrajectoryUpdate:
     ended: TrajectoryEnded | None = None
 
 
+#: What an event may fill in on its trajectory's row. Once finalized (and announced) the description is
+#: frozen: a late or conflicting event is still stored and counted, but does not rewrite it.
+_DESCRIPTION_UPDATES = ",\n               ".join(
+    f"{c} = CASE WHEN t.status = 'recording' THEN COALESCE(EXCLUDED.{c}, t.{c}) ELSE t.{c} END"
+    for c in (
+        "scenario_id",
+        "episode_id",
+        "model_name",
+        "model_version",
+        "deployment_id",
+        "variant",
+        "environment",
+        "metadata",
+        "started_at",
+        "ended_at",
+        "end_status",
+        "total_reward",
+        "metrics",
+        "final_environment",
+        "error",
+        "expected_events",
+    )
+)
+
+
 async def _update_trajectories(conn: asyncpg.Connection, events: list[Event]) -> list[Finalized]:
     updates: dict[UUID, _TrajectoryUpdate] = {}
     for e in events:
@@ -329,22 +355,7 @@ async def _update_trajectories(conn: asyncpg.Connection, events: list[Event]) ->
     touched = await conn.fetch(
         f"""INSERT INTO trajectories AS t ({columns}) {select}
            ON CONFLICT (trajectory_id) DO UPDATE SET
-               scenario_id = COALESCE(EXCLUDED.scenario_id, t.scenario_id),
-               episode_id = COALESCE(EXCLUDED.episode_id, t.episode_id),
-               model_name = COALESCE(EXCLUDED.model_name, t.model_name),
-               model_version = COALESCE(EXCLUDED.model_version, t.model_version),
-               deployment_id = COALESCE(EXCLUDED.deployment_id, t.deployment_id),
-               variant = COALESCE(EXCLUDED.variant, t.variant),
-               environment = COALESCE(EXCLUDED.environment, t.environment),
-               metadata = COALESCE(EXCLUDED.metadata, t.metadata),
-               started_at = COALESCE(EXCLUDED.started_at, t.started_at),
-               ended_at = COALESCE(EXCLUDED.ended_at, t.ended_at),
-               end_status = COALESCE(EXCLUDED.end_status, t.end_status),
-               total_reward = COALESCE(EXCLUDED.total_reward, t.total_reward),
-               metrics = COALESCE(EXCLUDED.metrics, t.metrics),
-               final_environment = COALESCE(EXCLUDED.final_environment, t.final_environment),
-               error = COALESCE(EXCLUDED.error, t.error),
-               expected_events = COALESCE(EXCLUDED.expected_events, t.expected_events),
+               {_DESCRIPTION_UPDATES},
                stored_events = t.stored_events + EXCLUDED.stored_events,
                last_event_at = now()
            RETURNING trajectory_id, status, stored_events, expected_events""",
