@@ -81,7 +81,7 @@ TRAJECTORIES = StreamSpec(
     name="TRAJECTORIES",
     subjects=(f"{TRAJECTORY_SUBJECT_ROOT}.>",),
     description="Raw agent events (public contract v1): recorder and archiver consume independently",
-    storage_share=0.6,
+    storage_share=0.5,
 )
 PIPELINE = StreamSpec(
     name="PIPELINE",
@@ -120,6 +120,8 @@ STREAMS: tuple[StreamSpec, ...] = (TRAJECTORIES, PIPELINE, BATCHES, TRAINING, DL
 ROUTING_BUCKET = "routing"
 #: Object-store bucket: bodies of events too large for a message (claim check).
 PAYLOADS_BUCKET = "payloads"
+#: The payloads bucket's share of the storage budget (the streams take the rest).
+PAYLOADS_STORAGE_SHARE = 0.1
 
 
 def bucket_name(name: str, prefix: str = "") -> str:
@@ -221,7 +223,13 @@ async def ensure_topology(js: JetStreamContext, topology: Topology) -> dict[str,
     except NotFoundError:
         await js.create_object_store(
             payloads,
-            ObjectStoreConfig(storage=StorageType.FILE, description="claim-check payloads", ttl=30 * DAY),
+            ObjectStoreConfig(
+                storage=StorageType.FILE,
+                description="claim-check payloads",
+                ttl=30 * DAY,
+                # At least room for a few of the largest payloads, however small the budget.
+                max_bytes=max(64 * 1024**2, int(topology.storage_gib * PAYLOADS_STORAGE_SHARE * GIB)),
+            ),
         )
         outcome[payloads] = "created"
     return outcome
