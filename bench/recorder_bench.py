@@ -104,7 +104,7 @@ def record_step(t: Any, rng: random.Random, step: int, costs: list[float] | None
 
 
 async def fill(
-    recorder: Recorder, events: int, concurrent: int, steps: int, progress: bool = True
+    recorder: Recorder, events: int, concurrent: int, steps: int, show_progress: bool = True
 ) -> tuple[int, list[float]]:
     """Record trajectories round-robin, ``concurrent`` open at once; returns events and call costs (µs)."""
     rng = random.Random(7)
@@ -136,9 +136,9 @@ async def fill(
         open_ones = next_round
         await asyncio.sleep(0)  # let the publisher run, as an agent's loop would
         rounds += 1
-        if progress and rounds % 5 == 0:
+        if show_progress and rounds % 5 == 0:
             progress(f"  recording: {recorded:,} events, {done:,}/{trajectories:,} trajectories")
-    if progress:
+    if show_progress:
         print()
     return recorded, costs
 
