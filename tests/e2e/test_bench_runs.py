@@ -1,0 +1,47 @@
+"""The benchmark is a user-facing command (`make bench`): it must run and print its table. This checks
+that it works on a small load; it asserts nothing about speed (figures come from `make bench`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_recorder_benchmark_runs_and_prints_its_figures() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "bench/recorder_bench.py",
+            "--events",
+            "2000",
+            "--latency-seconds",
+            "1",
+            "--naive-sample",
+            "200",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "CUNEIFORM_ENV_FILE": "/nonexistent/stack.env"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for line in (
+        "(a) recorder drain (own process)",
+        "(b) ceiling: nats-py fetch + ack",
+        "(c) ceiling: asyncpg COPY of the same rows",
+        "(d) baseline: one INSERT per event",
+        "recorder / min(b, c) =",
+        "publish→stored latency",
+        "SDK record call: median",
+        "recorder RSS:",
+    ):
+        assert line in result.stdout, f"{line!r} missing from the benchmark's output:\n{result.stdout[-3000:]}"
