@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 from cuneiform_core.service import Service
 from cuneiform_core.settings import ConnectionSettings
@@ -425,3 +426,22 @@ async def test_a_resent_position_does_not_fill_a_gap_and_a_finalized_trajectory_
     assert (row["status"], row["end_status"], row["expected_events"]) == ("completed", "completed", 5)
     assert row["total_reward"] != -99.0
     assert len(await completions(js, Topology.of(connection))) == 1
+
+
+async def test_operators_ask_the_recorder_for_its_status_over_nats(start_recorder, js, connection) -> None:  # type: ignore[no-untyped-def]
+    await start_recorder()
+    for event in raw_trajectory()[:3]:  # a trajectory still recording
+        await publish_raw(js, connection.nats_prefix, event)
+    subject = trajectory_subject("ts-agent", "step", connection.nats_prefix)
+    await js.publish(subject, b'{"v": 1, "type": "step"}')  # a dead letter
+    await eventually(lambda: _pending_zero(js, connection), what="drained")
+    nc = await nats.connect(connection.nats_url)
+    try:
+        reply = await nc.request(f"{connection.nats_prefix}.cmd.recorder.status", b"{}", timeout=5)
+    finally:
+        await nc.close()
+    answer = json.loads(reply.data)
+    assert answer["ok"] is True
+    status = answer["result"]
+    assert (status["trajectories_recording"], status["dead_letters"]) == (1, 1)
+    assert status["consumer"]["pending"] == 0 and status["consumer"]["name"].endswith("_recorder")

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import orjson
@@ -67,6 +68,7 @@ class Recorder:
             on_dead_letter=self.keep_dead_letter,
         )
         self.service.every(settings.sweep_interval_s, "sweep")(self.sweep)
+        self.service.command("status")(self.status)
         self._stream_last_seq: int | None = None
 
     # --- the hot path ----------------------------------------------------------------------------------
@@ -221,6 +223,28 @@ class Recorder:
         )
         await self.announce(finalized_from(late) + finalized_from(unpublished))
         RECORDING.set(await self.service.pool.fetchval("SELECT count(*) FROM trajectories WHERE status = 'recording'"))
+
+    # --- operators -------------------------------------------------------------------------------------
+
+    async def status(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``cmd.recorder.status``: what an operator asks first. Cheap queries only (indexes)."""
+        consumer = self.service.consumers[0]
+        info = await self.service.broker.connection.jetstream().consumer_info(consumer.stream, consumer.name)
+        return {
+            "trajectories_recording": await self.service.pool.fetchval(
+                "SELECT count(*) FROM trajectories WHERE status = 'recording'"
+            ),
+            "completions_unpublished": await self.service.pool.fetchval(
+                "SELECT count(*) FROM trajectories WHERE finalized_at IS NOT NULL AND completion_published_at IS NULL"
+            ),
+            "dead_letters": await self.service.pool.fetchval("SELECT count(*) FROM dead_letters"),
+            "consumer": {
+                "name": consumer.name,
+                "pending": info.num_pending or 0,
+                "ack_pending": info.num_ack_pending or 0,
+                "redelivered": info.num_redelivered or 0,
+            },
+        }
 
     # --- dead letters ----------------------------------------------------------------------------------
 
