@@ -39,10 +39,12 @@ import asyncpg
 import nats
 import orjson
 import psutil
-from cuneiform_core.db import load_migrations, migrate
+from cuneiform_core.db import load_migrations, migrate, register_json_codecs
 from cuneiform_core.topology import TRAJECTORIES, Topology, ensure_topology
+from cuneiform_recorder.settings import DEFAULT_REDACTIONS
+from cuneiform_recorder.store import TYPED_COLUMNS, Redactor, typed_rows
 from cuneiform_sdk import Recorder
-from cuneiform_sdk.contract import LlmCall, validate_message
+from cuneiform_sdk.contract import validate_message
 from cuneiform_stack import LocalStack
 
 WORDS = [
@@ -252,106 +254,31 @@ async def measure_fetch_ack(js: Any, topology: Topology, total: int) -> tuple[fl
 
 
 def rows_of(bodies: list[bytes]) -> dict[str, list[tuple[Any, ...]]]:
-    """The rows the recorder writes for these events (ledger + typed tables), built outside the timing."""
-    tables: dict[str, list[tuple[Any, ...]]] = {
-        "events": [],
-        "steps": [],
-        "llm_calls": [],
-        "provider_accesses": [],
-        "actions": [],
-        "rewards": [],
-    }
-    for body in bodies:
-        e: Any = validate_message(orjson.loads(body))
-        tables["events"].append((e.event_id, e.trajectory_id, e.seq, e.type, e.occurred_at))
-        if e.type == "step":
-            tables["steps"].append(
-                (
-                    e.event_id,
-                    e.trajectory_id,
-                    e.seq,
-                    e.step,
-                    e.occurred_at,
-                    orjson.dumps(e.environment).decode(),
-                    orjson.dumps(e.observation).decode(),
-                )
-            )
-        elif isinstance(e, LlmCall):
-            messages, response = e.chat()
-            tables["llm_calls"].append(
-                (
-                    e.event_id,
-                    e.trajectory_id,
-                    e.seq,
-                    e.step,
-                    e.call_id,
-                    e.occurred_at,
-                    e.model,
-                    e.purpose,
-                    orjson.dumps([m.model_dump(mode="json", exclude_none=True) for m in messages]).decode(),
-                    orjson.dumps(response.model_dump(mode="json", exclude_none=True)).decode(),
-                )
-            )
-        elif e.type == "provider_access":
-            tables["provider_accesses"].append(
-                (e.event_id, e.trajectory_id, e.seq, e.step, e.occurred_at, e.provider, orjson.dumps(e.data).decode())
-            )
-        elif e.type == "action":
-            tables["actions"].append(
-                (
-                    e.event_id,
-                    e.trajectory_id,
-                    e.seq,
-                    e.step,
-                    e.occurred_at,
-                    e.action_type,
-                    orjson.dumps(e.parameters).decode(),
-                    e.success,
-                )
-            )
-        elif e.type == "reward":
-            tables["rewards"].append(
-                (e.event_id, e.trajectory_id, e.seq, e.step, e.occurred_at, e.source, e.name, e.value)
-            )
-    return tables
+    """The rows the recorder writes for these events — its own ``typed_rows`` plus the ledger —
+    built outside the timing, so (c) copies exactly what (a) stores."""
+    events: list[Any] = [validate_message(orjson.loads(body)) for body in bodies]
+    ledger = [(e.event_id, e.trajectory_id, e.seq, e.type, e.occurred_at) for e in events]
+    return {"events": ledger, **typed_rows(events, Redactor(DEFAULT_REDACTIONS))}
 
 
-COLUMNS = {
-    "events": ("event_id", "trajectory_id", "seq", "type", "occurred_at"),
-    "steps": ("event_id", "trajectory_id", "seq", "step", "occurred_at", "environment", "observation"),
-    "llm_calls": (
-        "event_id",
-        "trajectory_id",
-        "seq",
-        "step",
-        "call_id",
-        "occurred_at",
-        "model",
-        "purpose",
-        "messages",
-        "response",
-    ),
-    "provider_accesses": ("event_id", "trajectory_id", "seq", "step", "occurred_at", "provider", "data"),
-    "actions": ("event_id", "trajectory_id", "seq", "step", "occurred_at", "action_type", "parameters", "success"),
-    "rewards": ("event_id", "trajectory_id", "seq", "step", "occurred_at", "source", "name", "value"),
-}
+COLUMNS = {"events": ["event_id", "trajectory_id", "seq", "type", "occurred_at"], **TYPED_COLUMNS}
 
 
 async def fresh_recorder_schema(admin_dsn: str, name: str) -> asyncpg.Connection:
     dsn = await create_database(admin_dsn, name)
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "recorder"})
     await migrate(conn, "recorder", load_migrations("cuneiform_recorder.migrations"))
+    await register_json_codecs(conn)  # the recorder's codecs: jsonb values go in as the recorder sends them
     return conn
 
 
 async def measure_copy(admin_dsn: str, tables: dict[str, list[tuple[Any, ...]]], total: int) -> float:
-    """(c): COPY every row (text JSON into jsonb columns: COPY casts) in one transaction per table."""
+    """(c): COPY every row in one transaction, with no NATS and no per-event work."""
     conn = await fresh_recorder_schema(admin_dsn, "bench_copy")
     try:
         started = time.perf_counter()
         async with conn.transaction():
             for table, rows in tables.items():
-                # COPY's text format converts JSON text to jsonb on the server, as it would a file.
                 await conn.copy_records_to_table(table, records=rows, columns=COLUMNS[table], schema_name="recorder")
         return total / (time.perf_counter() - started)
     finally:

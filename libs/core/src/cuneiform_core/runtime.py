@@ -85,6 +85,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: A fetch that fails for these waits and tries again (recreating the consumer if it is gone).
+_FETCH_RETRYABLE: tuple[type[BaseException], ...] = (ConsumerUnavailableError, *TRANSIENT_ERRORS)
+
+
 def is_transient(error: BaseException) -> bool:
     """Does this failure say "try again later" rather than "this input is bad"?
 
@@ -266,23 +270,16 @@ class BatchConsumer(Generic[T]):
                 continue
             try:
                 msgs = await self._puller.fetch(self.options.batch_size, self.options.max_wait)
-            except ConsumerUnavailableError as error:
+            except _FETCH_RETRYABLE as error:
                 failures += 1
                 delay = backoff_delay(failures, self.options.backoff_base, self.options.transient_backoff_max)
-                log.warning("consumer.unavailable", consumer=self.name, error=str(error), retry_in_s=round(delay, 2))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-                # Deleted by an operator or lost with a server: create it again (idempotent).
-                assert self._broker is not None
-                with contextlib.suppress(Exception):
-                    await self._broker.connection.jetstream().add_consumer(self.stream, self.consumer_config())
-                continue
-            except TRANSIENT_ERRORS as error:
-                failures += 1
-                delay = backoff_delay(failures, self.options.backoff_base, self.options.backoff_max)
                 log.warning("consumer.fetch_failed", consumer=self.name, error=repr(error), retry_in_s=round(delay, 2))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                await self._pause(delay)
+                if isinstance(error, ConsumerUnavailableError):
+                    # Deleted by an operator or lost with a server: create it again (idempotent).
+                    assert self._broker is not None
+                    with contextlib.suppress(Exception):
+                        await self._broker.connection.jetstream().add_consumer(self.stream, self.consumer_config())
                 continue
             failures = 0
             if not msgs:
@@ -298,6 +295,11 @@ class BatchConsumer(Generic[T]):
         leftovers = self._puller.take_buffered()
         if leftovers:
             await self._process_safely(leftovers)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the consumer is being stopped."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
     async def _process_safely(self, msgs: list[Msg]) -> None:
         try:
@@ -372,8 +374,7 @@ class BatchConsumer(Generic[T]):
             await _quietly(delivery.raw.nak(delay=delay))
         MESSAGES.labels(self.service, self.name, "retried").inc(len(deliveries))
         # Pause this consumer too, so a down dependency is not hammered with the rest of the stream.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+        await self._pause(delay)
 
     async def _poison(self, delivery: Delivery, error: Exception) -> None:
         attempts = delivery.num_delivered

@@ -95,11 +95,20 @@ def _unnest(columns: str, types: str, rows: Sequence[tuple[Any, ...]]) -> tuple[
     return f"SELECT {select} FROM unnest({params}) AS u({columns})", arrays
 
 
-async def _copy(conn: asyncpg.Connection, table: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
-    # COPY, not INSERT: these events are new to the ledger in this very transaction, so no row of
-    # theirs can exist in a typed table (a concurrent writer of the same event waits on the ledger).
-    if rows:
-        await conn.copy_records_to_table(table, records=rows, columns=[c.strip() for c in columns.split(",")])
+#: Columns of each typed table, in the order ``typed_rows`` fills them.
+TYPED_COLUMNS: dict[str, list[str]] = {
+    table: columns.split()
+    for table, columns in {
+        "steps": "event_id trajectory_id seq step occurred_at environment observation extra",
+        "llm_calls": "event_id trajectory_id seq step call_id occurred_at model purpose messages tools response "
+        "reasoning params prompt_tokens completion_tokens latency_ms logprobs extra",
+        "provider_accesses": "event_id trajectory_id seq step occurred_at provider provider_id query data purpose "
+        "extra",
+        "actions": "event_id trajectory_id seq step occurred_at action_type parameters success result error "
+        "llm_call_id reward extra",
+        "rewards": "event_id trajectory_id seq step occurred_at source name value reason extra",
+    }.items()
+}
 
 
 def _extra(event: Envelope) -> dict[str, Any] | None:
@@ -158,7 +167,9 @@ async def store_events(conn: asyncpg.Connection, batch: Sequence[Event], redact:
     return result
 
 
-async def _write_typed(conn: asyncpg.Connection, events: list[Event], redact: Redactor) -> None:
+def typed_rows(events: Sequence[Event], redact: Redactor) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows each typed table gets for these events, in ``TYPED_COLUMNS`` order (the ledger and
+    trajectory rows are written separately). Pure: the benchmark copies exactly these rows too."""
     steps, calls, accesses, actions, rewards = [], [], [], [], []
     for e in events:
         if isinstance(e, Step):
@@ -238,38 +249,15 @@ async def _write_typed(conn: asyncpg.Connection, events: list[Event], redact: Re
                     _extra(e),
                 )
             )
-    await _copy(
-        conn,
-        "steps",
-        "event_id, trajectory_id, seq, step, occurred_at, environment, observation, extra",
-        steps,
-    )
-    await _copy(
-        conn,
-        "llm_calls",
-        "event_id, trajectory_id, seq, step, call_id, occurred_at, model, purpose, messages, tools, response, "
-        "reasoning, params, prompt_tokens, completion_tokens, latency_ms, logprobs, extra",
-        calls,
-    )
-    await _copy(
-        conn,
-        "provider_accesses",
-        "event_id, trajectory_id, seq, step, occurred_at, provider, provider_id, query, data, purpose, extra",
-        accesses,
-    )
-    await _copy(
-        conn,
-        "actions",
-        "event_id, trajectory_id, seq, step, occurred_at, action_type, parameters, success, result, error, "
-        "llm_call_id, reward, extra",
-        actions,
-    )
-    await _copy(
-        conn,
-        "rewards",
-        "event_id, trajectory_id, seq, step, occurred_at, source, name, value, reason, extra",
-        rewards,
-    )
+    return {"steps": steps, "llm_calls": calls, "provider_accesses": accesses, "actions": actions, "rewards": rewards}
+
+
+async def _write_typed(conn: asyncpg.Connection, events: list[Event], redact: Redactor) -> None:
+    # COPY, not INSERT: these events are new to the ledger in this very transaction, so no row of
+    # theirs can exist in a typed table (a concurrent writer of the same event waits on the ledger).
+    for table, rows in typed_rows(events, redact).items():
+        if rows:
+            await conn.copy_records_to_table(table, records=rows, columns=TYPED_COLUMNS[table])
 
 
 @dataclass
