@@ -8,20 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,231 +25,21 @@ import nats.errors
 import pytest
 from cuneiform_core.settings import ConnectionSettings
 from cuneiform_core.topology import DLQ, PIPELINE, TRAJECTORIES, TRAJECTORY_COMPLETED, Topology, ensure_topology
-from cuneiform_sdk.subjects import trajectory_subject
 from cuneiform_stack.launcher import ServerRecord
 from cuneiform_stack.postgres import PostgresLauncher
-from cuneiform_stack.process import LOOPBACK, PortAllocator, ServerLog, http_status
+from cuneiform_stack.process import PortAllocator, ServerLog
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from tests.events import EVENTS_PER_TRAJECTORY, STEPS, interleaved, publish_events, trajectory
+from tests.processes import ServiceProcess, metric
 from tests.support import eventually, query, scalar
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
-#: Events per trajectory: started, 2 x (step, llm_call, action, reward), ended.
-EVENTS_PER_TRAJECTORY = 10
-STEPS = 2
 #: JetStream storage for the test's namespace: 20,000 events of up to 4 KB need more than the default.
 STORAGE_GIB = 0.25
-
-_WORDS = ("ACME", "opened", "at", "12.50,", "volume", "rising;", "analysts", "expect", "a", "rebound")
-
-
-# --- events, as an agent in any language would publish them ------------------------------------------------
-
-
-def _event(trajectory_id: uuid.UUID, agent: str, seq: int, event_type: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "v": 1,
-        "event_id": str(uuid.uuid4()),
-        "type": event_type,
-        "trajectory_id": str(trajectory_id),
-        "agent_id": agent,
-        "seq": seq,
-        "occurred_at": datetime.now(UTC).isoformat(),
-        **fields,
-    }
-
-
-def _prose(rng: random.Random, size: int) -> str:
-    words: list[str] = []
-    length = 0
-    while length < size:
-        word = rng.choice(_WORDS)
-        words.append(word)
-        length += len(word) + 1
-    return " ".join(words)[:size]
-
-
-def trajectory(rng: random.Random, agent: str) -> list[dict[str, Any]]:
-    """One whole episode: its llm_calls carry a 2-4 KB prompt each, as real ones do."""
-    tid = uuid.uuid4()
-    events = [
-        _event(
-            tid,
-            agent,
-            0,
-            "trajectory_started",
-            scenario_id=f"market-{rng.randrange(5)}",
-            model={"name": "policy", "version": "v7", "deployment_id": "d1"},
-            environment={"cash": 1000},
-        )
-    ]
-    total = 0.0
-    for step in range(STEPS):
-        seq = len(events)
-        call_id = f"call-{step}"
-        reward = round(rng.uniform(-1, 1), 3)
-        total += reward
-        events += [
-            _event(tid, agent, seq, "step", step=step, environment={"cash": 1000 - step}, observation=f"tick {step}"),
-            _event(
-                tid,
-                agent,
-                seq + 1,
-                "llm_call",
-                step=step,
-                call_id=call_id,
-                model="policy-v7",
-                messages=[
-                    {"role": "system", "content": "You trade ACME. Answer with one tool call."},
-                    {"role": "user", "content": _prose(rng, rng.randrange(2048, 4096))},
-                ],
-                response={
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [
-                        {"id": call_id, "type": "function", "function": {"name": "buy", "arguments": '{"n": 1}'}}
-                    ],
-                },
-                usage={"prompt_tokens": 800, "completion_tokens": 12},
-                latency_ms=420.0,
-            ),
-            _event(tid, agent, seq + 2, "action", step=step, action_type="buy", parameters={"n": 1}, success=True),
-            _event(tid, agent, seq + 3, "reward", step=step, value=reward),
-        ]
-    events.append(
-        _event(
-            tid,
-            agent,
-            len(events),
-            "trajectory_ended",
-            status="completed",
-            total_reward=round(total, 3),
-            event_count=len(events) + 1,
-        )
-    )
-    assert len(events) == EVENTS_PER_TRAJECTORY
-    return events
-
-
-def interleaved(trajectories: list[list[dict[str, Any]]], agents: int = 100) -> list[dict[str, Any]]:
-    """The events as ``agents`` agents running at once publish them: each trajectory in order, the
-    trajectories of one wave interleaved event by event, one wave after the other."""
-    events: list[dict[str, Any]] = []
-    for start in range(0, len(trajectories), agents):
-        wave = trajectories[start : start + agents]
-        events += [t[n] for n in range(EVENTS_PER_TRAJECTORY) for t in wave]
-    return events
-
-
-async def publish_events(js: JetStreamContext, prefix: str, events: list[dict[str, Any]], window: int = 256) -> None:
-    """Publish and wait for every stream ack, ``window`` publishes in flight at a time."""
-
-    async def one(event: dict[str, Any]) -> None:
-        subject = trajectory_subject(event["agent_id"], event["type"], prefix)
-        await js.publish(subject, json.dumps(event).encode(), headers={"Nats-Msg-Id": event["event_id"]}, timeout=30)
-
-    for start in range(0, len(events), window):
-        await asyncio.gather(*(one(e) for e in events[start : start + window]))
-
-
-# --- the recorder as a process -------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-class RecorderProcess:
-    """``cuneiform-recorder`` in a subprocess, configured by environment only, as deployed."""
-
-    def __init__(self, connection: ConnectionSettings, log_dir: Path, **settings: Any) -> None:
-        self.port = _free_port()
-        self.log_path = log_dir / f"recorder-{uuid.uuid4().hex[:6]}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CUNEIFORM_")}
-        env.update(
-            {
-                # A developer's .cuneiform/stack.env must not leak in.
-                "CUNEIFORM_ENV_FILE": str(log_dir / "no-such-stack.env"),
-                "CUNEIFORM_NATS_URL": connection.nats_url,
-                "CUNEIFORM_NATS_PREFIX": connection.nats_prefix,
-                "CUNEIFORM_NATS_STORAGE_GIB": str(connection.nats_storage_gib),
-                "CUNEIFORM_PG_DSN": connection.pg_dsn,
-                "CUNEIFORM_RECORDER_METRICS_PORT": str(self.port),
-                "CUNEIFORM_RECORDER_LOG_JSON": "true",
-            }
-        )
-        env.update({f"CUNEIFORM_RECORDER_{k.upper()}": str(v) for k, v in settings.items()})
-        script = Path(sys.executable).parent / "cuneiform-recorder"
-        command = (
-            [str(script)]
-            if script.is_file()
-            else [sys.executable, "-c", "import cuneiform_recorder.main as m; m.main()"]
-        )
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    async def readyz(self) -> int | None:
-        return await asyncio.to_thread(http_status, f"http://{LOOPBACK}:{self.port}/readyz", "GET", 3.0)
-
-    async def wait_ready(self, timeout: float = 30.0) -> None:
-        async def ready() -> bool:
-            assert self.alive, f"the recorder exited with {self.process.returncode}:\n{self.log_tail()}"
-            return await self.readyz() == 200
-
-        await eventually(ready, timeout=timeout, what="recorder /readyz 200")
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> int:
-        if self.alive:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.process.returncode
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last log lines, one short line per JSON record (asyncpg's tracebacks left out)."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        short = []
-        for line in text.splitlines()[-lines:]:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                short.append(line[:300])
-                continue
-            details = " ".join(
-                f"{k}={str(v)[:160]}"
-                for k, v in record.items()
-                if k not in ("event", "timestamp", "level", "logger", "service", "exception")
-            )
-            short.append(f"{record.get('timestamp', '')} {record.get('level', '')} {record.get('event', '')} {details}")
-        return "\n".join(short)
-
-    def log_events(self) -> Counter[str]:
-        """How often each structured log event occurred (``consumer.transient_failure``, …)."""
-        found: Counter[str] = Counter()
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                found[json.loads(line).get("event", "?")] += 1
-            except (json.JSONDecodeError, AttributeError):
-                continue
-        return found
 
 
 @pytest.fixture
@@ -266,10 +50,10 @@ def log_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def recorders(log_dir: Path) -> Iterator[list[RecorderProcess]]:
+def recorders(log_dir: Path) -> Iterator[list[ServiceProcess]]:
     """Every recorder process a test starts, stopped afterwards; their logs are printed, which pytest
     shows when the test failed."""
-    started: list[RecorderProcess] = []
+    started: list[ServiceProcess] = []
     yield started
     for recorder in started:
         status = recorder.stop()
@@ -391,29 +175,11 @@ async def expire_what_the_dead_process_held(js: JetStreamContext, topology: Topo
     return float(config.ack_wait or 0)
 
 
-async def metric(recorder: RecorderProcess, name: str, **labels: str) -> float:
-    """One sample of the recorder's /metrics (0 when absent)."""
-    url = f"http://{LOOPBACK}:{recorder.port}/metrics"
-
-    def read() -> str:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return str(response.read().decode())
-
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    total = 0.0
-    for line in (await asyncio.to_thread(read)).splitlines():
-        if line.startswith(name + "{"):
-            found = line[len(name) + 1 : line.index("}")]
-            if all(part in found.split(",") for part in wanted.split(",") if part):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 # --- 1. SIGKILL in the middle of a drain -----------------------------------------------------------------------
 
 
 async def test_a_recorder_killed_mid_drain_and_restarted_stores_every_event_exactly_once(
-    connection: ConnectionSettings, nc: Client, recorders: list[RecorderProcess], log_dir: Path
+    connection: ConnectionSettings, nc: Client, recorders: list[ServiceProcess], log_dir: Path
 ) -> None:
     connection = with_storage(connection)
     js = nc.jetstream()
@@ -426,7 +192,7 @@ async def test_a_recorder_killed_mid_drain_and_restarted_stores_every_event_exac
     assert (await js.stream_info(topology.stream(TRAJECTORIES))).state.messages == len(events) == 20_000
 
     settings = {"batch_size": 250, "sweep_interval_s": 0.5}
-    first = RecorderProcess(connection, log_dir, **settings)
+    first = ServiceProcess("recorder", connection, log_dir, **settings)
     recorders.append(first)
     dsn = connection.pg_dsn
 
@@ -450,7 +216,7 @@ async def test_a_recorder_killed_mid_drain_and_restarted_stores_every_event_exac
     )[0]
 
     ack_wait = await expire_what_the_dead_process_held(js, topology)
-    second = RecorderProcess(connection, log_dir, **settings)
+    second = ServiceProcess("recorder", connection, log_dir, **settings)
     recorders.append(second)
     await second.wait_ready()
     info = await js.consumer_info(topology.stream(TRAJECTORIES), f"{topology.prefix}_recorder")
@@ -539,7 +305,7 @@ async def test_postgres_down_for_10_s_during_a_drain_loses_and_doubles_nothing(
     private_postgres: PrivatePostgres,  # first: torn down after the recorder has stopped
     connection: ConnectionSettings,
     nc: Client,
-    recorders: list[RecorderProcess],
+    recorders: list[ServiceProcess],
     log_dir: Path,
 ) -> None:
     connection = with_storage(connection).model_copy(update={"pg_dsn": private_postgres.url})
@@ -551,7 +317,7 @@ async def test_postgres_down_for_10_s_during_a_drain_loses_and_doubles_nothing(
     # A backlog to drain, then agents that keep publishing through the outage (~400 events/s).
     backlog = [trajectory(rng, f"agent-{n % 20}") for n in range(800)]
     await publish_events(js, connection.nats_prefix, [e for t in backlog for e in t])
-    recorder = RecorderProcess(connection, log_dir, batch_size=100, sweep_interval_s=0.5)
+    recorder = ServiceProcess("recorder", connection, log_dir, batch_size=100, sweep_interval_s=0.5)
     recorders.append(recorder)
     publisher = SteadyPublisher(js, connection.nats_prefix, rng, per_tick=10, tick_s=0.25)
     publisher.start()

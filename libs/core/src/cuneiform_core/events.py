@@ -53,6 +53,50 @@ class TrajectoryCompleted(PipelineEvent):
     deployment_id: str | None = None
 
 
+class BatchCreated(PipelineEvent):
+    """Readiness froze a training batch: these trajectories, and no others, are its data.
+
+    Membership travels in the event (a batch is bounded by readiness's ``max_batch_trajectories``), so
+    the export needs nothing but the event and the recorder's tables to be reproducible.
+    """
+
+    batch_id: uuid.UUID
+    trajectory_ids: list[uuid.UUID]
+    #: Who or what created it (``readiness``, ``cli:<user>``) and why (a rule summary, a reason).
+    triggered_by: str = "readiness"
+    reason: str = ""
+    #: The numbers behind the decision (rule name → value), for the dataset manifest and the audit.
+    rules: dict[str, float | int | bool | str | None] = Field(default_factory=dict)
+
+
+class DatasetFile(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    key: str
+    size: int
+    sha256: str
+    #: Lines (records) in the file.
+    records: int
+    format: str
+
+
+class DatasetExported(PipelineEvent):
+    """A dataset is complete in the object store (its manifest exists): trainers may use it."""
+
+    dataset_id: uuid.UUID
+    batch_id: uuid.UUID | None = None
+    bucket: str
+    prefix: str
+    manifest_key: str
+    manifest_sha256: str
+    files: list[DatasetFile]
+    trajectory_count: int
+    group_count: int
+    #: Groups left out of ``art.jsonl`` (fewer than 2 trajectories, or zero reward spread).
+    excluded_group_count: int = 0
+
+
 class DeadLetter(PipelineEvent):
     """A message a service can never process: why, and the exact bytes, for inspection or replay."""
 

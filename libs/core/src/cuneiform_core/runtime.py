@@ -100,6 +100,13 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, asyncpg.InterfaceError) and "connection is closed" in str(error)
 
 
+# Positions in a JetStream ack subject: ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``
+# (v1, 9 tokens), or with ``<domain>.<account hash>`` after ``ACK`` and a trailing token (v2).
+_V1_TOKENS = 9
+_SEQ_TOKEN_V1, _TIME_TOKEN_V1 = 5, 7
+_SEQ_TOKEN_V2, _TIME_TOKEN_V2 = 7, 9
+
+
 class Delivery:
     """One message as a decoder sees it. The JetStream metadata (parsed from the reply subject) is
     read only when needed — for dead letters and retries, not on the hot path."""
@@ -131,7 +138,16 @@ class Delivery:
 
     @property
     def stream_seq(self) -> int:
-        return self.raw.metadata.sequence.stream
+        # Read straight from the ack subject (one split) rather than through nats-py's full metadata
+        # object: the recorder and the archiver need it for every message on their hot paths.
+        tokens = (self.raw.reply or "").split(".")
+        return int(tokens[_SEQ_TOKEN_V1] if len(tokens) == _V1_TOKENS else tokens[_SEQ_TOKEN_V2])
+
+    @property
+    def stream_time_ns(self) -> int:
+        """When the stream stored the message (nanoseconds since the epoch, the server's clock)."""
+        tokens = (self.raw.reply or "").split(".")
+        return int(tokens[_TIME_TOKEN_V1] if len(tokens) == _V1_TOKENS else tokens[_TIME_TOKEN_V2])
 
     @property
     def num_delivered(self) -> int:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from faststream.nats import NatsBroker
@@ -27,7 +27,7 @@ from faststream.nats import NatsBroker
 from . import db
 from .logging import configure_logging, get_logger
 from .observability import CONSUMER_ACK_PENDING, CONSUMER_PENDING, UP, HealthServer
-from .runtime import BatchConsumer, BatchHandler, ConsumerOptions, DeadLetterHook, Decoder
+from .runtime import BatchConsumer, BatchHandler, ConsumerOptions, DeadLetterHook, Decoder, TransientError
 from .settings import ConnectionSettings, ServiceSettings
 from .storage import ObjectStore
 from .topology import StreamSpec, Topology, command_subject, ensure_topology
@@ -37,6 +37,21 @@ log = get_logger(__name__)
 T = TypeVar("T")
 CommandHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 Timer = Callable[[], Awaitable[None]]
+
+#: Seconds between attempts to reach PostgreSQL when the service runs without it at first.
+DATABASE_RETRY_S = 2.0
+
+
+class Consumer(Protocol):
+    """What the service starts and stops: ``BatchConsumer``, or a component with its own loop on a
+    durable consumer (the archiver's segment writer)."""
+
+    name: str
+    stream: str
+
+    async def start(self, broker: NatsBroker) -> None: ...
+
+    async def stop(self, timeout: float) -> None: ...
 
 
 class Service:
@@ -48,14 +63,17 @@ class Service:
         migrations: str | list[db.Migration] | None = None,
         object_store: bool = False,
         pool_size: int = 10,
+        require_database: bool = True,
     ) -> None:
+        """``require_database=False``: start without PostgreSQL and connect in the background (the
+        archiver's raw copy must not depend on it); ``pool`` raises ``TransientError`` until then."""
         self.settings = settings
         self.connection = connection or ConnectionSettings()
         self.name = settings.service_name
         self.topology = Topology.of(self.connection)
         self._migrations = db.load_migrations(migrations) if isinstance(migrations, str) else migrations
-        self._wants_store = object_store
         self._pool_size = pool_size
+        self._require_database = require_database
         self.broker = NatsBroker(
             self.connection.nats_url,
             name=f"cuneiform-{self.name}",
@@ -65,9 +83,10 @@ class Service:
             log_level=logging.DEBUG,  # FastStream logs every message at INFO otherwise
         )
         self.health = HealthServer(settings.metrics_host, settings.metrics_port)
-        self.consumers: list[BatchConsumer[Any]] = []
+        self.consumers: list[Consumer] = []
         self._pool: asyncpg.Pool | None = None
-        self._store: ObjectStore | None = None
+        # Built here (no I/O) so that components can hold it before start; the bucket is ensured at start.
+        self._store: ObjectStore | None = ObjectStore.from_settings(self.connection) if object_store else None
         self._periodic: list[tuple[str, float, Timer]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -77,13 +96,15 @@ class Service:
     @property
     def pool(self) -> asyncpg.Pool:
         if self._pool is None:
+            if not self._require_database and self._migrations is not None:
+                raise TransientError(f"{self.name}: PostgreSQL is not reachable yet")
             raise RuntimeError(f"{self.name}: the database is open only between start() and stop()")
         return self._pool
 
     @property
     def store(self) -> ObjectStore:
         if self._store is None:
-            raise RuntimeError(f"{self.name}: created without object_store=True, or not started")
+            raise RuntimeError(f"{self.name}: created without object_store=True")
         return self._store
 
     # --- declarations ------------------------------------------------------------------------------------
@@ -113,6 +134,10 @@ class Service:
         )
         self.consumers.append(consumer)
         return consumer
+
+    def add_consumer(self, consumer: Consumer) -> None:
+        """Start and stop a consumer with its own loop together with the service."""
+        self.consumers.append(consumer)
 
     def every(
         self, seconds: float, name: str
@@ -151,13 +176,14 @@ class Service:
     async def start(self) -> None:
         await self.health.start()
         log.info("service.starting", metrics=f"http://{self.settings.metrics_host}:{self.health.port}/metrics")
+        background: list[asyncio.Task[None]] = []
         if self._migrations is not None:
-            self._pool = await db.open_database(
-                self.connection.pg_dsn, self.name, self._migrations, max_size=self._pool_size
-            )
+            if self._require_database:
+                self._pool = await self._open_database()
+            else:
+                background.append(asyncio.create_task(self._connect_database_eventually()))
             self.health.add_check("postgres", self._postgres_ok)
-        if self._wants_store:
-            self._store = ObjectStore.from_settings(self.connection)
+        if self._store is not None:
             await self._store.ensure_bucket()
             self.health.add_check("object_store", self._store.ping)
         await self.broker.connect()
@@ -167,7 +193,7 @@ class Service:
         await self.broker.start()
         for consumer in self.consumers:
             await consumer.start(self.broker)
-        self._tasks = [asyncio.create_task(self._repeat("consumer-lag", 5.0, self._report_lag))]
+        self._tasks = [*background, asyncio.create_task(self._repeat("consumer-lag", 5.0, self._report_lag))]
         self._tasks += [asyncio.create_task(self._repeat(*timer)) for timer in self._periodic]
         self._started = True
         self.health.started = True
@@ -205,9 +231,26 @@ class Service:
         finally:
             await self.stop()
 
+    async def _open_database(self) -> asyncpg.Pool:
+        assert self._migrations is not None
+        return await db.open_database(self.connection.pg_dsn, self.name, self._migrations, max_size=self._pool_size)
+
+    async def _connect_database_eventually(self) -> None:
+        while self._pool is None:
+            try:
+                self._pool = await self._open_database()
+                log.info("service.database_connected")
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("service.database_unavailable", error=repr(error), retry_in_s=DATABASE_RETRY_S)
+                await asyncio.sleep(DATABASE_RETRY_S)
+
     # --- checks and gauges -------------------------------------------------------------------------------
 
     async def _postgres_ok(self) -> bool:
+        if self._pool is None:
+            return False
         async with self.pool.acquire() as conn:
             return bool(await conn.fetchval("SELECT true"))
 

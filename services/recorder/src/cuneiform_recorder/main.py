@@ -8,22 +8,20 @@ second copy: exactly one ``completed`` per trajectory).
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import orjson
+from cuneiform_core.claims import read_claim_body
 from cuneiform_core.events import DeadLetter, TrajectoryCompleted, publish, stable_id
 from cuneiform_core.logging import get_logger
-from cuneiform_core.runtime import ConsumerOptions, Delivery, PermanentError, TransientError
+from cuneiform_core.runtime import ConsumerOptions, Delivery, PermanentError
 from cuneiform_core.service import Service, run
 from cuneiform_core.settings import ConnectionSettings
 from cuneiform_core.topology import PAYLOADS_BUCKET, PIPELINE, TRAJECTORIES, TRAJECTORY_COMPLETED
 from cuneiform_sdk.contract import EVENT_TYPES, ClaimCheck, ContractError, Event, parse_event, validate_message
-from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
 from .settings import RecorderSettings
@@ -38,16 +36,20 @@ COMMIT_SECONDS = Histogram(
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 FINALIZED = Counter("cuneiform_recorder_trajectories_finalized_total", "Trajectories by final status", ["status"])
-CLAIM_CHECK_READ_TIMEOUT_S = 30.0
 #: Trajectories finalized late, or completions re-published, per sweep: bounded, the next sweep goes on.
 SWEEP_LIMIT = 1000
 
 RECORDING = Gauge("cuneiform_recorder_trajectories_recording", "Trajectories still waiting for events")
 
 
-def decode(delivery: Delivery) -> Event | ClaimCheck:
+#: A decoded message and its stream sequence (kept with the event: retention proves by it that the
+#: archiver's segments hold the event before the row may leave PostgreSQL).
+Received = tuple[Event | ClaimCheck, int]
+
+
+def decode(delivery: Delivery) -> Received:
     """Bytes → contract event; anything else raises with the reason the dead letter will carry."""
-    return parse_event(delivery.data)
+    return parse_event(delivery.data), delivery.stream_seq
 
 
 class Recorder:
@@ -73,20 +75,23 @@ class Recorder:
 
     # --- the hot path ----------------------------------------------------------------------------------
 
-    async def handle(self, items: Sequence[Event | ClaimCheck]) -> dict[int, str]:
+    async def handle(self, items: Sequence[Received]) -> dict[int, str]:
         rejected: dict[int, str] = {}
         events: list[Event] = []
-        for index, item in enumerate(items):
+        seqs: list[int] = []
+        for index, (item, seq) in enumerate(items):
             if isinstance(item, ClaimCheck):
                 try:
                     events.append(await self.resolve(item))
                 except PermanentError as error:
                     rejected[index] = str(error)
+                    continue
             else:
                 events.append(item)
+            seqs.append(seq)
         started = datetime.now(UTC)
         async with self.service.pool.acquire() as conn:
-            result = await store_events(conn, events, self.redact)
+            result = await store_events(conn, events, self.redact, stream_seqs=seqs)
         COMMIT_SECONDS.observe((datetime.now(UTC) - started).total_seconds())
         for kind, counts in (("stored", result.stored), ("duplicate", result.duplicates)):
             for event_type, count in counts.items():
@@ -98,37 +103,17 @@ class Recorder:
 
     async def resolve(self, claim: ClaimCheck) -> Event:
         """Fetch a claim-checked body from the object store and prove it is the one announced."""
-        ref = claim.payload_ref
-        expected_bucket = self.service.topology.bucket(PAYLOADS_BUCKET)
-        if ref.bucket != expected_bucket:
-            raise PermanentError(f"claim check names bucket {ref.bucket!r}; payloads live in {expected_bucket!r}")
-        if ref.size > self.settings.max_claim_check_bytes:
-            raise PermanentError(
-                f"oversize: claim-checked event of {ref.size} bytes exceeds the recorder's limit of "
-                f"{self.settings.max_claim_check_bytes} (CUNEIFORM_RECORDER_MAX_CLAIM_CHECK_BYTES)"
-            )
-        js = self.service.broker.connection.jetstream()
         try:
-            store = await js.object_store(ref.bucket)
-            info = await store.get_info(ref.name)
-            if info.size != ref.size:  # checked before reading: never download more than announced
-                raise PermanentError(
-                    f"claim check size mismatch: object {ref.bucket}/{ref.name} has {info.size} bytes, "
-                    f"the event announced {ref.size}"
-                )
-            # nats-py's read has no deadline of its own (it can wait forever on chunks that a
-            # concurrent re-upload purged): bound it, and retry the batch later.
-            body = (await asyncio.wait_for(store.get(ref.name), CLAIM_CHECK_READ_TIMEOUT_S)).data or b""
-        except NotFoundError:
-            raise PermanentError(f"claim check names object {ref.bucket}/{ref.name}, which does not exist") from None
-        except TimeoutError:
-            raise TransientError(f"reading claim-checked object {ref.bucket}/{ref.name} timed out") from None
-        digest = hashlib.sha256(body).hexdigest()
-        if digest != ref.sha256 or len(body) != ref.size:
-            raise PermanentError(
-                f"claim check digest mismatch: object {ref.bucket}/{ref.name} has sha256 {digest} and "
-                f"{len(body)} bytes, the event announced {ref.sha256} and {ref.size}"
+            body = await read_claim_body(
+                self.service.broker.connection.jetstream(),
+                claim.payload_ref,
+                expected_bucket=self.service.topology.bucket(PAYLOADS_BUCKET),
+                max_bytes=self.settings.max_claim_check_bytes,
             )
+        except PermanentError as error:
+            if str(error).startswith("oversize"):
+                raise PermanentError(f"{error} (CUNEIFORM_RECORDER_MAX_CLAIM_CHECK_BYTES)") from None
+            raise
         try:
             event = validate_message(orjson.loads(body))
         except (orjson.JSONDecodeError, ContractError) as error:

@@ -134,24 +134,33 @@ def finalized_from(rows: Iterable[asyncpg.Record]) -> list[Finalized]:
     return [Finalized(**dict(row)) for row in rows]
 
 
-async def store_events(conn: asyncpg.Connection, batch: Sequence[Event], redact: Redactor) -> StoreResult:
+async def store_events(
+    conn: asyncpg.Connection,
+    batch: Sequence[Event],
+    redact: Redactor,
+    *,
+    stream_seqs: Sequence[int | None] | None = None,
+) -> StoreResult:
+    """Store a batch in one transaction; ``stream_seqs`` (one per event) says where in the TRAJECTORIES
+    stream each event was, which retention later checks against the archive."""
     result = StoreResult()
-    unique: dict[UUID, Event] = {}
-    for event in batch:
+    unique: dict[UUID, tuple[Event, int | None]] = {}
+    for event, stream_seq in zip(batch, stream_seqs or [None] * len(batch), strict=True):
         if event.event_id in unique:
             result.duplicates[event.type] += 1
         else:
-            unique[event.event_id] = event
+            unique[event.event_id] = (event, stream_seq)
     # Key order for the ledger too: two batches holding the same redelivered ids cannot deadlock.
-    events = sorted(unique.values(), key=lambda e: e.event_id)
+    ordered = sorted(unique.values(), key=lambda pair: pair[0].event_id)
+    events = [event for event, _ in ordered]
     if not events:  # every message of the batch was rejected (e.g. bad claim checks)
         return result
     async with conn.transaction():
-        columns = "event_id, trajectory_id, seq, type, occurred_at"
+        columns = "event_id, trajectory_id, seq, type, occurred_at, stream_seq"
         select, arrays = _unnest(
             columns,
-            "uuid uuid int text timestamptz",
-            [(e.event_id, e.trajectory_id, e.seq, e.type, e.occurred_at) for e in events],
+            "uuid uuid int text timestamptz bigint",
+            [(e.event_id, e.trajectory_id, e.seq, e.type, e.occurred_at, sseq) for e, sseq in ordered],
         )
         inserted = await conn.fetch(
             f"INSERT INTO events ({columns}) {select} ON CONFLICT DO NOTHING RETURNING event_id", *arrays

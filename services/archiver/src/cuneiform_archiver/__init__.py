@@ -1,0 +1,1 @@
+"""Cuneiform archiver: raw event segments, rebuild, retention, dataset export."""
