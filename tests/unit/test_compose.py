@@ -9,6 +9,7 @@ fails here instead of on someone's ``docker compose up``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Iterator
@@ -462,6 +463,8 @@ def exported_metric_names() -> set[str]:
         "info": ("_info",),
     }
     names = {"up"}  # Prometheus's own, per target
+    for entry in entry_points(group=ENTRY_POINT_GROUP):  # each service's own metrics live in its main module
+        importlib.import_module(entry.value.split(":")[0].rsplit(".", 1)[0] + ".main")
     for family in REGISTRY.collect():
         names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
         names.update(sample.name for sample in family.samples)
