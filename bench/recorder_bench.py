@@ -8,7 +8,10 @@ LLM calls of 2–8 KB), then measures, on the same data in the same run:
   (c) ceiling: raw asyncpg COPY of the same rows, no NATS;
   (d) baseline: one INSERT per event (the naive recorder), on a sample;
 
-then the publish→stored latency at a steady rate, the SDK's per-call cost, and the recorder's memory.
+  (e) the archiver (its own process) storing the same stream as zstd segments in S3, next to (b);
+
+then the publish→stored latency at a steady rate with the archiver running beside the recorder (and
+the archive's lag meanwhile), the SDK's per-call cost, and the recorder's memory.
 Prints a table of figures and ratios; it asserts nothing (machines here are noisy: compare ratios).
 
     make bench                      # 200,000 events
@@ -180,6 +183,10 @@ async def create_database(admin_dsn: str, name: str) -> str:
     return admin_dsn.rsplit("/", 1)[0] + f"/{name}"
 
 
+#: Segment age for the archiver in the steady run: short enough that several segments roll in it.
+ARCHIVE_SEGMENT_AGE_S = 5.0
+
+
 def free_port() -> int:
     import socket
 
@@ -188,14 +195,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class RecorderProcess:
-    def __init__(self, env: dict[str, str]) -> None:
+class ServiceProcess:
+    def __init__(self, env: dict[str, str], service: str = "recorder", **settings: Any) -> None:
         self.port = free_port()
-        env = {**env, "CUNEIFORM_RECORDER_METRICS_PORT": str(self.port), "CUNEIFORM_RECORDER_LOG_LEVEL": "WARNING"}
+        upper = service.upper()
+        env = {
+            **env,
+            f"CUNEIFORM_{upper}_METRICS_PORT": str(self.port),
+            f"CUNEIFORM_{upper}_LOG_LEVEL": "WARNING",
+            **{f"CUNEIFORM_{upper}_{k.upper()}": str(v) for k, v in settings.items()},
+        }
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("cuneiform-recorder"))], env={**os.environ, **env}
+            [str(Path(sys.executable).with_name(f"cuneiform-{service}"))], env={**os.environ, **env}
         )
         self.ps = psutil.Process(self.process.pid)
+
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of the process's /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        return 0.0
 
     def ready(self) -> bool:
         try:
@@ -218,7 +239,7 @@ async def consumer_idle(js: Any, stream: str, durable: str) -> tuple[int, int]:
 
 
 async def measure_recorder(env: dict[str, str], js: Any, topology: Topology, total: int) -> tuple[float, list[float]]:
-    recorder = RecorderProcess(env)
+    recorder = ServiceProcess(env)
     while not recorder.ready():
         await asyncio.sleep(0.05)
     started = time.perf_counter()
@@ -236,6 +257,25 @@ async def measure_recorder(env: dict[str, str], js: Any, topology: Topology, tot
     print()
     recorder.stop()
     return total / elapsed, rss
+
+
+async def measure_archiver(env: dict[str, str], js: Any, topology: Topology, total: int) -> tuple[float, int]:
+    """(e): the archiver (own process) storing the same stream as zstd segments in S3."""
+    archiver = ServiceProcess(env, "archiver")
+    while not archiver.ready():
+        await asyncio.sleep(0.05)
+    started = time.perf_counter()
+    while True:
+        done = int(archiver.metric("cuneiform_archiver_last_archived_seq"))
+        progress(f"  (e) archiver: {done:,}/{total:,} events in segments")
+        if done >= total:
+            break
+        await asyncio.sleep(0.2)
+    elapsed = time.perf_counter() - started
+    stored = int(archiver.metric("cuneiform_archiver_segment_bytes_total"))
+    print()
+    archiver.stop()
+    return total / elapsed, stored
 
 
 async def measure_fetch_ack(js: Any, topology: Topology, total: int) -> tuple[float, list[bytes]]:
@@ -313,11 +353,27 @@ async def measure_naive(admin_dsn: str, tables: dict[str, list[tuple[Any, ...]]]
 
 async def measure_latency(
     env: dict[str, str], nats_url: str, prefix: str, admin_dsn: str, rate: int, seconds: float, outbox: Path
-) -> tuple[float, float, int]:
-    """Steady ``rate`` events/s through the SDK into a running recorder; latency = stored − recorded."""
-    recorder_proc = RecorderProcess(env)
-    while not recorder_proc.ready():
+) -> tuple[float, float, int, list[int]]:
+    """Steady ``rate`` events/s through the SDK into a running recorder (and archiver); latency =
+    stored − recorded; also the archive's lag samples."""
+    recorder_proc = ServiceProcess(env)
+    # The archiver runs beside it, as deployed; its lag (events in the stream, not yet in a stored
+    # segment) is sampled throughout.
+    archiver = ServiceProcess(env, "archiver", segment_max_age_s=ARCHIVE_SEGMENT_AGE_S)
+    while not (recorder_proc.ready() and archiver.ready()):
         await asyncio.sleep(0.05)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    lags: list[int] = []
+
+    async def sample_lag() -> None:
+        stream = Topology(prefix).stream(TRAJECTORIES)
+        while True:
+            last = (await js.stream_info(stream)).state.last_seq
+            lags.append(max(0, last - int(archiver.metric("cuneiform_archiver_last_archived_seq"))))
+            await asyncio.sleep(0.25)
+
+    sampler = asyncio.create_task(sample_lag())
     sdk = Recorder(nats_url, prefix=prefix, outbox_dir=outbox)
     await sdk.start()
     rng = random.Random(11)
@@ -346,6 +402,9 @@ async def measure_latency(
     await sdk.flush(30)
     await sdk.close()
     await asyncio.sleep(2)
+    sampler.cancel()
+    await nc.close()
+    archiver.stop()
     recorder_proc.stop()
     conn = await asyncpg.connect(env["CUNEIFORM_PG_DSN"])
     try:
@@ -356,7 +415,7 @@ async def measure_latency(
     finally:
         await conn.close()
     latencies = [float(r["ms"]) for r in rows]
-    return percentile(latencies, 0.5), percentile(latencies, 0.99), len(latencies)
+    return percentile(latencies, 0.5), percentile(latencies, 0.99), len(latencies), lags
 
 
 async def main() -> None:
@@ -402,6 +461,7 @@ async def main() -> None:
         print(f"  stream: {info.state.messages:,} messages, {info.state.bytes / 1e6:,.0f} MB")
 
         recorder_rate, rss = await measure_recorder(env, js, topology, total)
+        archiver_rate, archive_bytes = await measure_archiver(env, js, topology, total)
         print("  (b) raw fetch + ack …")
         fetch_rate, bodies = await measure_fetch_ack(js, topology, total)
         tables = rows_of(bodies)
@@ -415,7 +475,7 @@ async def main() -> None:
         latency_prefix = "lat" + uuid.uuid4().hex[:6]
         await ensure_topology_for(endpoints.nats_url, Topology(latency_prefix, storage_gib=1.0))
         latency_dsn = await create_database(endpoints.pg_dsn, "bench_latency")
-        p50, p99, samples = await measure_latency(
+        p50, p99, samples, lags = await measure_latency(
             {
                 **env,
                 "CUNEIFORM_NATS_PREFIX": latency_prefix,
@@ -442,6 +502,9 @@ async def main() -> None:
             f"{'(c) ceiling: asyncpg COPY of the same rows':<44}{copy_rate:>12,.0f}{recorder_rate / copy_rate:>10.2f}"
         )
         print(f"{'(d) baseline: one INSERT per event':<44}{naive_rate:>12,.0f}{recorder_rate / naive_rate:>10.1f}x")
+        print(
+            f"{'(e) archiver drain to zstd segments in S3':<44}{archiver_rate:>12,.0f}{archiver_rate / fetch_rate:>10.2f}"
+        )
         print(f"{'SDK fill rate (record → acked by stream)':<44}{fill_rate:>12,.0f}")
         print()
         print(f"recorder / min(b, c) = {recorder_rate / ceiling:.2f}  (target ≥ 0.5)")
@@ -451,6 +514,16 @@ async def main() -> None:
         )
         print(
             f"SDK record call: median {statistics.median(costs):.1f} µs, p99 {percentile(costs, 0.99):.1f} µs  (target ≤ 20 / ≤ 200)"
+        )
+        print(
+            f"archiver / (b) = {archiver_rate / fetch_rate:.2f}; segments: {archive_bytes / 1e6:,.1f} MB for "
+            f"{info.state.bytes / 1e6:,.0f} MB of stream ({info.state.bytes / max(1, archive_bytes):.1f}x smaller)"
+        )
+        bound = args.rate * ARCHIVE_SEGMENT_AGE_S
+        print(
+            f"archive lag beside the recorder at {args.rate:,} events/s (segments every {ARCHIVE_SEGMENT_AGE_S:.0f} s): "
+            f"p50 {percentile([float(x) for x in lags], 0.5):,.0f}, max {max(lags):,} events "
+            f"({max(lags) / args.rate:.1f} s of traffic; bound by design: rate × segment age = {bound:,.0f} + one flush)"
         )
         third = max(1, len(rss) // 3)
         print(

@@ -39,6 +39,8 @@ def test_the_recorder_benchmark_runs_and_prints_its_figures() -> None:
         "(b) ceiling: nats-py fetch + ack",
         "(c) ceiling: asyncpg COPY of the same rows",
         "(d) baseline: one INSERT per event",
+        "(e) archiver drain to zstd segments in S3",
+        "archive lag beside the recorder",
         "recorder / min(b, c) =",
         "publish→stored latency",
         "SDK record call: median",
