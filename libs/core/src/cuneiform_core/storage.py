@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -89,6 +90,21 @@ class ObjectStore:
             metadata={SHA256_META: digest},
         )
         return ObjectInfo(key=key, size=len(data), etag=result.etag or "", sha256=digest)
+
+    async def put_file(
+        self, key: str, path: str | os.PathLike[str], sha256: str, content_type: str = "application/octet-stream"
+    ) -> ObjectInfo:
+        """Upload a file (multipart from 5 MiB, streamed from disk); the caller hashed it while writing."""
+        size = await asyncio.to_thread(os.path.getsize, path)
+        result = await asyncio.to_thread(
+            self._client.fput_object,
+            self.bucket,
+            key,
+            os.fspath(path),
+            content_type=content_type,
+            metadata={SHA256_META: sha256},
+        )
+        return ObjectInfo(key=key, size=size, etag=result.etag or "", sha256=sha256)
 
     async def get_bytes(self, key: str) -> bytes:
         def read() -> bytes:

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _export(args: argparse.Namespace, connection: ConnectionSettings) -> int:
-    from .export import run_cli_export
+    from .datasets import run_cli_export
 
     code: int = await run_cli_export(args, connection, ArchiverSettings(), progress=_progress("trajectories exported"))
     return code

@@ -66,7 +66,7 @@ class Archiver:
         await self.segments.progress()
 
     async def export_batches(self, batches: Sequence[BatchCreated]) -> None:
-        from .export import export_batch  # the export pulls in more; the archive path does not need it
+        from .datasets import export_batch
 
         for batch in batches:
             await export_batch(self.service, self.settings, batch)
