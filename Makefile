@@ -11,7 +11,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_LINK_MODE := copy
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo stack-up stack-down stack-status test test-unit lint format schema bench up down clean
+.PHONY: help install demo stack-up stack-down stack-status test test-unit lint format schema bench bench-datasets up down clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -50,7 +50,7 @@ test-unit: install ## Only the tests that need no server
 lint: install ## ruff (lint + format check) and mypy
 	@$(RUN) ruff check .
 	@$(RUN) ruff format --check .
-	@$(RUN) mypy libs services/recorder/src
+	@$(RUN) mypy libs services/recorder/src services/archiver/src
 
 format: install ## Format and auto-fix
 	@$(RUN) ruff format .
@@ -59,8 +59,11 @@ format: install ## Format and auto-fix
 schema: install ## Regenerate the committed JSON Schema of the event contract
 	@$(RUN) python -m cuneiform_sdk.schema
 
-bench: install ## Recorder benchmark: drain rate vs. ceilings and a naive baseline, latency, SDK cost (ARGS=...)
+bench: install ## Recorder + archiver benchmark: drain rates vs. ceilings and a naive baseline, latency, archive lag, SDK cost (ARGS=...)
 	@$(RUN) python bench/recorder_bench.py $(ARGS)
+
+bench-datasets: install ## Dataset export benchmark: 10,000 trajectories x 10 steps vs. raw read + orjson (ARGS=...)
+	@$(RUN) python bench/dataset_bench.py $(ARGS)
 
 up: ## Start the compose stack (needs Docker): NATS, PostgreSQL, MinIO, Prometheus, Grafana, services
 	docker compose up -d --build

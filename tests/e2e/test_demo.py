@@ -7,6 +7,8 @@ as its own user when we are root, and pytest's temp root is 0700), and is stoppe
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cuneiform_core.storage import ObjectStore
 
 from tests.support import query, scalar
 
@@ -106,6 +109,26 @@ async def test_make_demo_records_a_fleet_end_to_end() -> None:
         assert call["tools"][0]["function"]["name"] == "trade"
         assert call["response"]["tool_calls"][0]["function"]["name"] == "trade"
         assert call["model"] == "demo-policy"
+
+        # The archive holds every event; the run is a dataset whose manifest matches its files.
+        assert (data_dir / "logs" / "archiver.log").is_file()
+        found = re.search(r"dataset ([0-9a-f-]{36}): s3://cuneiform/(datasets/\S+/)", run.stdout)
+        assert found, output
+        stack_env = read_env_file(env_file)
+        store = ObjectStore(
+            stack_env["CUNEIFORM_S3_ENDPOINT"],
+            stack_env["CUNEIFORM_S3_ACCESS_KEY"],
+            stack_env["CUNEIFORM_S3_SECRET_KEY"],
+            "cuneiform",
+        )
+        manifest = json.loads(await store.get_bytes(found.group(2) + "manifest.json"))
+        assert len(manifest["trajectory_ids"]) == TRAJECTORIES
+        for entry in manifest["files"]:
+            body = await store.get_bytes(entry["key"])
+            assert hashlib.sha256(body).hexdigest() == entry["sha256"] and len(body.splitlines()) == entry["records"]
+        segments = [k for k in await store.list_keys("archive/TRAJECTORIES/") if k.endswith(".manifest.json")]
+        archived = sum(json.loads(await store.get_bytes(k))["count"] for k in segments)
+        assert archived == TRAJECTORIES * EVENTS_PER_TRAJECTORY
     finally:
         down = await asyncio.to_thread(
             subprocess.run,

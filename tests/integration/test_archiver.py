@@ -155,6 +155,17 @@ async def test_every_message_lands_in_exactly_one_segment_without_postgres(
     assert claimed.data == claim and claimed.event == json.loads(body)
     info = await js.consumer_info(topology.stream(TRAJECTORIES), archiver.segments.name)
     assert info.num_ack_pending == 0 and info.num_pending == 0
+    # Operators ask over NATS; the archive part answers without PostgreSQL.
+    nc = await nats.connect(connection.nats_url)
+    try:
+        reply = await nc.request(topology.subject("cmd.archiver.status"), b"{}", timeout=5)
+    finally:
+        await nc.close()
+    status = json.loads(reply.data)["result"]
+    assert status["archive"]["lag_events"] == 0
+    assert status["archive"]["segments"] == len(index.segments)
+    assert status["archive"]["archived_through_seq"] == len(events) + 2
+    assert status["database"].startswith("unavailable")
 
     # A restart resumes after the last segment: nothing is written twice.
     await archiver.service.stop()

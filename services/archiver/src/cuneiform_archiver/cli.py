@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 from cuneiform_core.db import create_pool
+from cuneiform_core.logging import configure_logging
 from cuneiform_core.settings import ConnectionSettings
 from cuneiform_core.storage import ObjectStore
 from cuneiform_core.topology import TRAJECTORIES, Topology
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
 
         serve()
         return
+    # Results go to stdout as JSON; log lines only when they warn, and to stderr.
+    configure_logging("archiver-cli", "WARNING", False)
     connection = ConnectionSettings()
     commands = {
         "segments": _segments,

@@ -96,10 +96,13 @@ class Archiver:
                 "chain_breaks": index.chain_breaks(),
             }
         }
-        async with self.service.pool.acquire() as conn:
-            answer["datasets"] = await conn.fetchval("SELECT count(*) FROM archiver.datasets")
-            last = await conn.fetchrow("SELECT * FROM archiver.retention_runs ORDER BY ran_at DESC LIMIT 1")
-            answer["last_retention"] = None if last is None else {k: str(v) for k, v in dict(last).items()}
+        try:
+            async with self.service.pool.acquire() as conn:
+                answer["datasets"] = await conn.fetchval("SELECT count(*) FROM archiver.datasets")
+                last = await conn.fetchrow("SELECT * FROM archiver.retention_runs ORDER BY ran_at DESC LIMIT 1")
+                answer["last_retention"] = None if last is None else {k: str(v) for k, v in dict(last).items()}
+        except Exception as error:  # the archive part of the answer stands without PostgreSQL
+            answer["database"] = f"unavailable: {error!r}"
         return answer
 
 

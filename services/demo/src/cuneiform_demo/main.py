@@ -1,10 +1,12 @@
 """``cuneiform-demo`` (``make demo``): the recording half of the flywheel, end to end, on this machine.
 
 1. start (or reuse) the embedded stack — nats-server, PostgreSQL, an S3 endpoint — on free ports;
-2. start the recorder service as its own process, as it is deployed;
+2. start the recorder and archiver services, each as its own process, as they are deployed;
 3. run a simulated fleet of trading agents that record every decision through the SDK;
 4. wait until the recorder has stored every event and proved each trajectory complete;
-5. read the results back from PostgreSQL and say where to look.
+5. read the results back from PostgreSQL;
+6. wait until the archiver holds every event in its S3 segments, export the run's trajectories as a
+   training dataset (OpenPipe ART + OpenAI chat JSONL + manifest), and say where to look.
 
 The agents' "LLM" is a tabular softmax policy, a stand-in for a real model (see ``policy``).
 """
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from cuneiform_archiver.datasets import ExportResult
+from cuneiform_core.logging import configure_logging
 from cuneiform_sdk import Recorder
 from cuneiform_stack import LocalStack, StackEndpoints, StackError
 from cuneiform_stack.cli import DEFAULT_DATA_DIR
@@ -34,18 +38,20 @@ from .console import Console, DemoError, shown
 from .environment import ACTIONS, TRENDS
 from .fleet import FleetPlan, FleetResult, run_fleet
 from .policy import STAND_IN_NOTE, TabularPolicy
-from .recorder_process import RecorderProcess, current_env, recorder_env
-from .report import SCHEMA, Summary, finalized_counts, read_summary
+from .recorder_process import ServiceProcess, current_env, recorder_env
+from .report import SCHEMA, Summary, export_run, finalized_counts, read_summary, stream_last_seq
 
-SECTIONS = 5
+SECTIONS = 6
 NEXT_ISSUES = (
-    "dataset export, training (GRPO on these groups) and rollout of the trained policy arrive with the next issues"
+    "readiness rules, training (GRPO on these groups) and rollout of the trained policy arrive with the next issues"
 )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
+    # The demo speaks through its console; library log lines (an export finished, …) only when they warn.
+    configure_logging("demo", "WARNING", False)
     # SIGTERM (a supervisor, `kill`) stops the demo as Ctrl-C does: the recorder is stopped gracefully.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -77,12 +83,17 @@ class Demo:
             step_delay=args.step_delay,
         )
         self.stack = LocalStack(args.data_dir, progress=lambda message: console.item(f"· {message}"))
-        self.recorder: RecorderProcess | None = None
+        self.recorder: ServiceProcess | None = None
+        self.archiver: ServiceProcess | None = None
+        self.dataset: ExportResult | None = None
         self.kept_pid: int | None = None
 
     def run(self) -> int:
         c = self.console
-        c.say("Cuneiform demo: agents record every decision; the recorder stores them in PostgreSQL")
+        c.say(
+            "Cuneiform demo: agents record every decision; the recorder stores them in PostgreSQL, the archiver "
+            "keeps the cold copy in S3 and exports a training dataset"
+        )
         c.item(f"Note: {STAND_IN_NOTE}.")
         began = time.monotonic()
         endpoints = self.start_stack()
@@ -90,6 +101,7 @@ class Demo:
             recorder = self.start_recorder(endpoints)
             summary = asyncio.run(self.drive(endpoints, recorder))
         finally:
+            self.finish_archiver()
             stopped = self.finish_recorder()
         problems = self.check(summary)
         if not problems:
@@ -125,16 +137,30 @@ class Demo:
 
     # --- 2. the recorder -------------------------------------------------------------------------------
 
-    def start_recorder(self, endpoints: StackEndpoints) -> RecorderProcess:
-        self.console.section(2, SECTIONS, "Recorder service (TRAJECTORIES stream → PostgreSQL)")
+    def start_recorder(self, endpoints: StackEndpoints) -> ServiceProcess:
+        self.console.section(2, SECTIONS, "Services: recorder (stream → PostgreSQL), archiver (stream → S3)")
         env = recorder_env(current_env(), endpoints.as_env(), self.stack.env_file)
         log_path = self.stack.log_dir / "recorder.log"
-        self.recorder = RecorderProcess(env, log_path)
+        self.recorder = ServiceProcess(env, log_path)
         self.console.item(f"starting cuneiform-recorder; its log: {shown(log_path)}")
         self.recorder.start()
         took = self.recorder.wait_ready(self.args.ready_timeout)
         self.console.item(f"ready in {took:.1f} s (pid {self.recorder.pid}, metrics {self.recorder.metrics_url})")
+        archiver_log = self.stack.log_dir / "archiver.log"
+        # Segments every 2 s rather than every minute: the demo's fleet is small and the run is short.
+        archiver_env = {"CUNEIFORM_ARCHIVER_SEGMENT_MAX_AGE_S": "2", **env}
+        self.archiver = ServiceProcess(archiver_env, archiver_log, service="archiver")
+        self.console.item(f"starting cuneiform-archiver; its log: {shown(archiver_log)}")
+        self.archiver.start()
+        took = self.archiver.wait_ready(self.args.ready_timeout)
+        self.console.item(f"ready in {took:.1f} s (pid {self.archiver.pid}, metrics {self.archiver.metrics_url})")
         return self.recorder
+
+    def finish_archiver(self) -> None:
+        """The archiver stops with the demo (SIGTERM: it stores the segment in hand first)."""
+        archiver, self.archiver = self.archiver, None
+        if archiver is not None and archiver.alive:
+            archiver.stop()
 
     def finish_recorder(self) -> bool:
         """Stop the recorder gracefully (SIGTERM) unless --keep-running; whether it was stopped."""
@@ -154,7 +180,7 @@ class Demo:
 
     # --- 3. to 5. the fleet, completion, the summary ------------------------------------------------------
 
-    async def drive(self, endpoints: StackEndpoints, recorder: RecorderProcess) -> Summary:
+    async def drive(self, endpoints: StackEndpoints, recorder: ServiceProcess) -> Summary:
         conn = await self.connect(endpoints.pg_dsn)
         try:
             run_started: datetime = await conn.fetchval("SELECT now()")
@@ -164,7 +190,40 @@ class Demo:
         finally:
             await conn.close()
         self.print_summary(summary)
+        await self.archive_and_export(endpoints, result.trajectory_ids)
         return summary
+
+    async def archive_and_export(self, endpoints: StackEndpoints, ids: list[uuid.UUID]) -> None:
+        c = self.console
+        c.section(6, SECTIONS, "Archiver: the cold copy in S3, and this run as a training dataset")
+        archiver = self.archiver
+        assert archiver is not None
+        stream_last = await stream_last_seq(endpoints.nats_url)
+        deadline = time.monotonic() + self.args.wait_timeout
+        while (archived := archiver.metric("cuneiform_archiver_last_archived_seq")) < stream_last:
+            if not archiver.alive or time.monotonic() > deadline:
+                raise DemoError(
+                    f"the archiver holds events up to {archived:.0f} of {stream_last}; last lines of "
+                    f"{shown(archiver.log.path)}:\n{archiver.log_tail()}"
+                )
+            c.progress(f"  segments hold {archived:,.0f} of {stream_last:,} stream events")
+            await asyncio.sleep(0.25)
+        segments = archiver.metric("cuneiform_archiver_segments_total")
+        c.item(f"every stream event ({stream_last:,}) is in a zstd JSONL segment ({segments:.0f} written by this run)")
+        self.dataset = result = await export_run(endpoints, ids)
+        m = result.manifest
+        included = [g for g in m["groups"] if g["included"]]
+        excluded = [g for g in m["groups"] if not g["included"]]
+        c.item(f"dataset {result.dataset_id}: s3://cuneiform/{result.prefix}")
+        c.item(
+            f"    art.jsonl: {m['art_trajectory_count']} trajectories in {len(included)} GRPO groups "
+            f"({len(excluded)} group(s) left out: no reward spread or fewer than 2 trajectories)"
+        )
+        for f in m["files"]:
+            c.item(
+                f"    {f['name']:<18} {f['records']:>5} lines  {f['size'] / 1024:>8.1f} KiB  sha256 {f['sha256'][:16]}…"
+            )
+        c.item(f"    openai_chat.jsonl holds the best {len(m['sft']['trajectory_ids'])} trajectories (SFT)")
 
     async def connect(self, dsn: str) -> asyncpg.Connection:
         try:
@@ -233,7 +292,7 @@ class Demo:
             parts.append(f"{trend}: " + "/".join(f"{a} {p[a]:.0%}" for a in ACTIONS))
         return "; ".join(parts)
 
-    async def wait_finalized(self, conn: asyncpg.Connection, ids: list[uuid.UUID], recorder: RecorderProcess) -> None:
+    async def wait_finalized(self, conn: asyncpg.Connection, ids: list[uuid.UUID], recorder: ServiceProcess) -> None:
         c, total = self.console, len(ids)
         c.section(4, SECTIONS, "Recorder: storing every event and proving each trajectory complete")
         began = time.monotonic()
@@ -298,7 +357,7 @@ class Demo:
             c.item(f"    assistant: {e.tool_call}{reward}")
         c.item(f"The database holds {s.trajectories_in_database:,} trajectories in all (earlier runs included).")
 
-    def print_where_to_look(self, endpoints: StackEndpoints, recorder: RecorderProcess, stopped: bool) -> None:
+    def print_where_to_look(self, endpoints: StackEndpoints, recorder: ServiceProcess, stopped: bool) -> None:
         c = self.console
         c.say()
         c.say("Where to look")
@@ -310,6 +369,10 @@ class Demo:
         else:
             c.item(f"{'Recorder':<14}{recorder.metrics_url} (still running; stop it with: kill {self.kept_pid})")
         c.item(f"{'':<14}log: {shown(recorder.log.path)}")
+        c.item(f"{'Archive':<14}`.venv/bin/cuneiform-archiver segments` lists the raw segments in S3")
+        if self.dataset is not None:
+            c.item(f"{'Dataset':<14}{self.dataset.prefix} in bucket cuneiform (manifest.json lists files and sha256)")
+        c.item(f"{'':<14}`.venv/bin/cuneiform-archiver export --help`: datasets from any filter")
         c.item(f"{'NATS monitor':<14}{endpoints.nats_monitor_url}/jsz?streams=true")
         c.item(
             f"{'Stack':<14}`{self.stack_hint('status')}` shows it; `{self.stack_hint('down')}` stops it "

@@ -1,4 +1,5 @@
-"""``cuneiform-recorder`` as a child process, configured by environment only, as it is deployed."""
+"""A service (``cuneiform-recorder``, ``cuneiform-archiver``) as a child process, configured by
+environment only, as it is deployed."""
 
 from __future__ import annotations
 
@@ -17,23 +18,25 @@ from cuneiform_stack.process import LOOPBACK, PortAllocator, ServerLog
 from .console import DemoError, shown
 
 
-def recorder_command() -> list[str]:
+def service_command(service: str = "recorder") -> list[str]:
     """The console script next to this Python, else the module through this interpreter."""
-    script = Path(sys.executable).parent / "cuneiform-recorder"
+    script = Path(sys.executable).parent / f"cuneiform-{service}"
     if script.is_file():
         return [str(script)]
-    return [sys.executable, "-c", "from cuneiform_recorder.main import main; main()"]
+    return [sys.executable, "-c", f"from cuneiform_{service}.main import main; main()"]
 
 
-class RecorderProcess:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+class ServiceProcess:
+    def __init__(self, env: dict[str, str], log_path: Path, service: str = "recorder") -> None:
+        self.service = service
         self.port = PortAllocator().claim()
         self.log = ServerLog(log_path)
+        upper = service.upper()
         self.env = {
             **env,
-            "CUNEIFORM_RECORDER_METRICS_PORT": str(self.port),
-            "CUNEIFORM_RECORDER_LOG_LEVEL": "WARNING",
-            "CUNEIFORM_RECORDER_LOG_JSON": "true",
+            f"CUNEIFORM_{upper}_METRICS_PORT": str(self.port),
+            f"CUNEIFORM_{upper}_LOG_LEVEL": "WARNING",
+            f"CUNEIFORM_{upper}_LOG_JSON": "true",
         }
         self.process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
@@ -51,7 +54,7 @@ class RecorderProcess:
         return self.process is not None and self.process.poll() is None
 
     def start(self) -> None:
-        command = recorder_command()
+        command = service_command(self.service)
         log_file, self._log_offset = self.log.open_for_start(command)
         with log_file:
             # Its own session: a Ctrl-C in the terminal reaches the demo, which then stops the recorder
@@ -83,9 +86,9 @@ class RecorderProcess:
             if not self.alive:
                 assert self.process is not None
                 raise DemoError(
-                    f"the recorder exited with status {self.process.returncode} while starting; "
+                    f"the {self.service} exited with status {self.process.returncode} while starting; "
                     f"last lines of {shown(self.log.path)}:\n{self.log_tail()}\n"
-                    "Fix what the log says (its settings come from CUNEIFORM_RECORDER_* variables) and run again."
+                    "Fix what the log says (its settings come from CUNEIFORM_<SERVICE>_* variables) and run again."
                 )
             status, body = self.readiness()
             if status == 200:
@@ -101,7 +104,7 @@ class RecorderProcess:
                 pass
         answer = f"answered {status}{checks}" if status else "never answered"
         raise DemoError(
-            f"the recorder was not ready within {timeout:g} s: {self.metrics_url.replace('/metrics', '/readyz')} "
+            f"the {self.service} was not ready within {timeout:g} s: {self.metrics_url.replace('/metrics', '/readyz')} "
             f"{answer}. Last lines of {shown(self.log.path)}:\n{self.log_tail()}\n"
             "Check that the stack is healthy (`cuneiform-stack status`) or raise --ready-timeout."
         )
@@ -118,6 +121,17 @@ class RecorderProcess:
                 self.process.kill()
                 self.process.wait(10)
         return self.process.returncode
+
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of the process's /metrics (0 when absent or unreachable)."""
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as response:
+                for line in response.read().decode().splitlines():
+                    if line.startswith(name + " "):
+                        return float(line.split()[1])
+        except OSError:
+            pass
+        return 0.0
 
     def log_tail(self, lines: int = 20) -> str:
         return self.log.tail(self._log_offset, lines)

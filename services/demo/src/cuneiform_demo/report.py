@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
+import nats
+from cuneiform_archiver.datasets import ExportConfig, ExportResult, Selection, export_dataset, record_dataset
+from cuneiform_core.db import load_migrations, open_database
+from cuneiform_core.storage import ObjectStore
+from cuneiform_core.topology import TRAJECTORIES
 from cuneiform_sdk.contract import EVENT_TYPES
+from cuneiform_stack import StackEndpoints
 
 #: The recorder's schema (it owns these tables; we only read them).
 SCHEMA = "recorder"
@@ -114,3 +120,29 @@ async def read_summary(conn: asyncpg.Connection, ids: list[uuid.UUID], run_start
             reward=example["reward"],
         )
     return summary
+
+
+async def stream_last_seq(nats_url: str) -> int:
+    """The TRAJECTORIES stream's last sequence: what the archive must hold."""
+    nc = await nats.connect(nats_url)
+    try:
+        return int((await nc.jetstream().stream_info(TRAJECTORIES.stream_name())).state.last_seq)
+    finally:
+        await nc.close()
+
+
+async def export_run(endpoints: StackEndpoints, ids: list[uuid.UUID]) -> ExportResult:
+    """This run's trajectories as a dataset, exactly as a batch of them would be exported."""
+    store = ObjectStore(
+        endpoints.s3_endpoint, endpoints.s3_access_key, endpoints.s3_secret_key, "cuneiform", region=endpoints.s3_region
+    )
+    pool = await open_database(
+        endpoints.pg_dsn, "archiver", load_migrations("cuneiform_archiver.migrations"), max_size=2
+    )
+    try:
+        selection = Selection(trajectory_ids=tuple(ids))
+        result = await export_dataset(pool, store, selection, ExportConfig())
+        await record_dataset(pool, result, selection)
+        return result
+    finally:
+        await pool.close()
