@@ -55,6 +55,17 @@ def progress(line: str) -> None:
     print(f"\r{line}" if sys.stdout.isatty() else line, end=end, flush=True)
 
 
+_shown = [-1]
+
+
+def export_progress(done: int, total: int) -> None:
+    """A tenth at a time off a terminal (the export reports every group)."""
+    tenth = done * 10 // max(1, total)
+    if sys.stdout.isatty() or tenth != _shown[0]:
+        _shown[0] = tenth
+        progress(f"  (a) export: {done:,}/{total:,} trajectories")
+
+
 def episode(rng: random.Random, n: int, steps: int, t0: datetime) -> list[dict[str, Any]]:
     tid = str(uuid.uuid4())
     events: list[dict[str, Any]] = []
@@ -195,7 +206,7 @@ async def main() -> None:
                 store,
                 Selection(),
                 config,
-                progress=lambda done, total: progress(f"  (a) export: {done:,}/{total:,} trajectories"),
+                progress=export_progress,
             )
             export_s = time.perf_counter() - started
         finally:

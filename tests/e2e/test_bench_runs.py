@@ -47,3 +47,21 @@ def test_the_recorder_benchmark_runs_and_prints_its_figures() -> None:
         "recorder RSS:",
     ):
         assert line in result.stdout, f"{line!r} missing from the benchmark's output:\n{result.stdout[-3000:]}"
+
+
+def test_the_dataset_benchmark_runs_and_prints_its_figures() -> None:
+    result = subprocess.run(
+        [sys.executable, "bench/dataset_bench.py", "--quick"],
+        cwd=ROOT,
+        env={**os.environ, "CUNEIFORM_ENV_FILE": "/nonexistent/stack.env"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for line in (
+        "(a) export: art.jsonl + openai_chat.jsonl + manifest",
+        "(b) baseline: SELECT the same rows",
+        "export ÷ raw =",
+    ):
+        assert line in result.stdout, f"{line!r} missing from the benchmark's output:\n{result.stdout[-3000:]}"
