@@ -1,5 +1,6 @@
-"""The benchmark is a user-facing command (`make bench`): it must run and print its table. This checks
-that it works on a small load; it asserts nothing about speed (figures come from `make bench`)."""
+"""The benchmarks are user-facing commands (`make bench`, `make bench-datasets`): they must run and print
+their tables. This checks that they work on a small load; it asserts nothing about speed (figures come
+from the make targets)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,9 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_recorder_benchmark_runs_and_prints_its_figures() -> None:
+def run_benchmark(*args: str, expect: tuple[str, ...]) -> None:
     result = subprocess.run(
-        [
-            sys.executable,
-            "bench/recorder_bench.py",
-            "--events",
-            "2000",
-            "--latency-seconds",
-            "1",
-            "--naive-sample",
-            "200",
-        ],
+        [sys.executable, *args],
         cwd=ROOT,
         env={**os.environ, "CUNEIFORM_ENV_FILE": "/nonexistent/stack.env"},
         capture_output=True,
@@ -34,34 +26,36 @@ def test_the_recorder_benchmark_runs_and_prints_its_figures() -> None:
         timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for line in (
-        "(a) recorder drain (own process)",
-        "(b) ceiling: nats-py fetch + ack",
-        "(c) ceiling: asyncpg COPY of the same rows",
-        "(d) baseline: one INSERT per event",
-        "(e) archiver drain to zstd segments in S3",
-        "archive lag beside the recorder",
-        "recorder / min(b, c) =",
-        "publish→stored latency",
-        "SDK record call: median",
-        "recorder RSS:",
-    ):
+    for line in expect:
         assert line in result.stdout, f"{line!r} missing from the benchmark's output:\n{result.stdout[-3000:]}"
+
+
+def test_the_recorder_benchmark_runs_and_prints_its_figures() -> None:
+    run_benchmark(
+        "bench/recorder_bench.py",
+        *("--events", "2000", "--latency-seconds", "1", "--naive-sample", "200"),
+        expect=(
+            "(a) recorder drain (own process)",
+            "(b) ceiling: nats-py fetch + ack",
+            "(c) ceiling: asyncpg COPY of the same rows",
+            "(d) baseline: one INSERT per event",
+            "(e) archiver drain to zstd segments in S3",
+            "archive lag beside the recorder",
+            "recorder / min(b, c) =",
+            "publish→stored latency",
+            "SDK record call: median",
+            "recorder RSS:",
+        ),
+    )
 
 
 def test_the_dataset_benchmark_runs_and_prints_its_figures() -> None:
-    result = subprocess.run(
-        [sys.executable, "bench/dataset_bench.py", "--quick"],
-        cwd=ROOT,
-        env={**os.environ, "CUNEIFORM_ENV_FILE": "/nonexistent/stack.env"},
-        capture_output=True,
-        text=True,
-        timeout=240,
+    run_benchmark(
+        "bench/dataset_bench.py",
+        "--quick",
+        expect=(
+            "(a) export: art.jsonl + openai_chat.jsonl + manifest",
+            "(b) baseline: SELECT the same rows + orjson.dumps",
+            "export ÷ raw =",
+        ),
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for line in (
-        "(a) export: art.jsonl + openai_chat.jsonl + manifest",
-        "(b) baseline: SELECT the same rows",
-        "export ÷ raw =",
-    ):
-        assert line in result.stdout, f"{line!r} missing from the benchmark's output:\n{result.stdout[-3000:]}"

@@ -184,6 +184,19 @@ class ConsumerOptions:
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL
 
 
+async def finish_loop(task: asyncio.Task[None] | None, timeout: float, name: str) -> None:
+    """Wait up to ``timeout`` for a consumer loop that was told to stop, then cancel it."""
+    if task is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout)
+    except TimeoutError:
+        log.warning("consumer.stop_timeout", consumer=name, timeout_s=timeout)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with full jitter (attempt 1 waits up to ``base``)."""
     return random.uniform(0.5, 1.0) * min(cap, base * 2.0 ** max(0, attempt - 1))
@@ -262,15 +275,7 @@ class BatchConsumer(Generic[T]):
     async def stop(self, timeout: float) -> None:
         """Stop fetching; let the batch in hand commit and ack (up to ``timeout``), then return."""
         self._stopping.set()
-        if self._task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        except TimeoutError:
-            log.warning("consumer.stop_timeout", consumer=self.name, timeout_s=timeout)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await finish_loop(self._task, timeout, self.name)
         self._task = None
 
     async def _pull(self) -> None:

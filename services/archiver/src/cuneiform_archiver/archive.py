@@ -30,7 +30,7 @@ import orjson
 from cuneiform_core.claims import read_claim_body
 from cuneiform_core.logging import get_logger
 from cuneiform_core.puller import ConsumerUnavailableError, Puller
-from cuneiform_core.runtime import TRANSIENT_ERRORS, Delivery, PermanentError, backoff_delay
+from cuneiform_core.runtime import TRANSIENT_ERRORS, Delivery, PermanentError, backoff_delay, finish_loop
 from cuneiform_core.storage import ObjectStore
 from cuneiform_core.topology import PAYLOADS_BUCKET, TRAJECTORIES, Topology
 from cuneiform_sdk.contract import PayloadRef
@@ -108,15 +108,7 @@ class SegmentArchiver:
         """Stop fetching and store what is in hand (within ``timeout``); anything left unstored stays
         unacked in the stream and is archived after the restart."""
         self._stopping.set()
-        if self._task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        except TimeoutError:
-            log.warning("archive.stop_timeout", timeout_s=timeout)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await finish_loop(self._task, timeout, self.name)
         self._task = None
 
     async def _resume(self) -> None:
