@@ -261,7 +261,9 @@ async def measure_recorder(env: dict[str, str], js: Any, topology: Topology, tot
 
 async def measure_archiver(env: dict[str, str], js: Any, topology: Topology, total: int) -> tuple[float, int]:
     """(e): the archiver (own process) storing the same stream as zstd segments in S3."""
-    archiver = ServiceProcess(env, "archiver")
+    # A 1 s segment age: the last, partial segment is stored right after the stream is drained
+    # (at the default 60 s the drain time would mostly be the wait for that last segment).
+    archiver = ServiceProcess(env, "archiver", segment_max_age_s=1)
     while not archiver.ready():
         await asyncio.sleep(0.05)
     started = time.perf_counter()
