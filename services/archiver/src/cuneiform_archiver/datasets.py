@@ -32,6 +32,7 @@ dataset without a manifest is incomplete and never used. An existing manifest is
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import statistics
@@ -222,11 +223,24 @@ def _key(item: dict[str, Any]) -> tuple[Any, ...]:
 class Conversation:
     items: list[dict[str, Any]] = field(default_factory=list)
     tools: list[Any] | None = None
-    keys: list[tuple[Any, ...]] = field(default_factory=list)
+    #: The conversation as the next prompt would repeat it: prompt messages as they were, and each
+    #: response as the assistant message it was recorded as.
+    said: list[dict[str, Any]] = field(default_factory=list)
 
-    def append(self, item: dict[str, Any]) -> None:
-        self.items.append(item)
-        self.keys.append(_key(item))
+    def continued_by(self, messages: Sequence[dict[str, Any]]) -> bool:
+        """Does this prompt begin with exactly this conversation?"""
+        if len(messages) < len(self.said):
+            return False
+        # Plain dict equality first (the recorder stores both sides through the same model, so it
+        # is the common case and runs in C); the normalized comparison only where it fails.
+        return all(a == b or _key(a) == _key(b) for a, b in zip(self.said, messages, strict=False))
+
+    def extend(self, messages: Sequence[dict[str, Any]], response: dict[str, Any], logprobs: Any) -> None:
+        tail = messages[len(self.said) :]
+        self.items += tail
+        self.said += tail
+        self.items.append(choice_of(response, logprobs))
+        self.said.append(response)
 
 
 def conversations(calls: Iterable[dict[str, Any]]) -> list[Conversation]:
@@ -234,19 +248,13 @@ def conversations(calls: Iterable[dict[str, Any]]) -> list[Conversation]:
     found: list[Conversation] = []
     for call in calls:
         messages = list(call["messages"] or [])
-        keys = [_key(m) for m in messages]
-        target = next(
-            (c for c in reversed(found) if len(c.keys) <= len(keys) and keys[: len(c.keys)] == c.keys),
-            None,
-        )
+        target = next((c for c in reversed(found) if c.continued_by(messages)), None)
         if target is None:
             target = Conversation(tools=call.get("tools"))
             found.append(target)
-        for message in messages[len(target.keys) :]:
-            target.append(message)
         if target.tools is None and call.get("tools"):
             target.tools = call["tools"]
-        target.append(choice_of(call["response"], call.get("logprobs")))
+        target.extend(messages, call["response"], call.get("logprobs"))
     return found
 
 
@@ -480,6 +488,11 @@ async def _children(conn: asyncpg.Connection, ids: list[uuid.UUID]) -> dict[str,
     return found
 
 
+async def _children_of(pool: asyncpg.Pool, chunk: Sequence[Group]) -> dict[str, dict[uuid.UUID, list[dict[str, Any]]]]:
+    async with pool.acquire() as conn:
+        return await _children(conn, [r["trajectory_id"] for g in chunk for r in g.rows])
+
+
 # --- writing --------------------------------------------------------------------------------------------
 
 
@@ -586,38 +599,48 @@ async def export_dataset(
         art = _HashedFile(Path(folder) / ART_FILE)
         chat = _HashedFile(Path(folder) / OPENAI_FILE)
         art_count = done = 0
-        for chunk in _chunks(wanted, config.chunk):
-            ids = [r["trajectory_id"] for g in chunk for r in g.rows]
-            async with pool.acquire() as conn:
-                children = await _children(conn, ids)
-            for group in chunk:
-                trajectories = []
-                for row in group.rows:
-                    tid = row["trajectory_id"]
-                    trajectory = art_trajectory(
-                        row,
-                        children["calls"].get(tid, []),
-                        children["actions"].get(tid, []),
-                        children["rewards"].get(tid, []),
-                    )
-                    trajectories.append(trajectory)
-                    if tid in sft:
-                        for example in openai_examples(trajectory):
-                            chat.line(example)
-                if group.scenario_id in included:
-                    art.line(
-                        {
-                            "trajectories": trajectories,
-                            "exceptions": [],
-                            "metadata": {"scenario_id": group.scenario_id},
-                            "metrics": {},
-                            "logs": [],
-                        }
-                    )
-                    art_count += len(trajectories)
-                done += len(group.rows)
-                if progress:
-                    progress(done, total)
+        chunks = list(_chunks(wanted, config.chunk))
+        # The next chunk's rows are read while this one is built (PostgreSQL works in its own process).
+        upcoming = asyncio.create_task(_children_of(pool, chunks[0])) if chunks else None
+        try:
+            for n, chunk in enumerate(chunks):
+                assert upcoming is not None
+                children = await upcoming
+                upcoming = asyncio.create_task(_children_of(pool, chunks[n + 1])) if n + 1 < len(chunks) else None
+                for group in chunk:
+                    trajectories = []
+                    for row in group.rows:
+                        tid = row["trajectory_id"]
+                        trajectory = art_trajectory(
+                            row,
+                            children["calls"].get(tid, []),
+                            children["actions"].get(tid, []),
+                            children["rewards"].get(tid, []),
+                        )
+                        trajectories.append(trajectory)
+                        if tid in sft:
+                            for example in openai_examples(trajectory):
+                                chat.line(example)
+                    if group.scenario_id in included:
+                        art.line(
+                            {
+                                "trajectories": trajectories,
+                                "exceptions": [],
+                                "metadata": {"scenario_id": group.scenario_id},
+                                "metrics": {},
+                                "logs": [],
+                            }
+                        )
+                        art_count += len(trajectories)
+                    done += len(group.rows)
+                    if progress:
+                        progress(done, total)
+        except BaseException:
+            if upcoming is not None:
+                upcoming.cancel()
+            art.close()
+            chat.close()
+            raise
         files = []
         for handle, fmt in ((art, "art"), (chat, "openai_chat")):
             sha = handle.close()
