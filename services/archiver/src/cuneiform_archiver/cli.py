@@ -222,9 +222,13 @@ def main(argv: list[str] | None = None) -> None:
         code = asyncio.run(commands[args.command](args, connection))
     except KeyboardInterrupt:
         code = 130
-    except (OSError, RuntimeError) as error:
-        print(f"cuneiform-archiver {args.command}: {error}", file=sys.stderr)
-        print("is the stack running? (`cuneiform-stack status`, or `make stack-up`)", file=sys.stderr)
+    except Exception as error:  # an operator gets one line and what to check, not a traceback
+        print(f"cuneiform-archiver {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
+        print(
+            "are the servers reachable? (`cuneiform-stack status`, or `make stack-up`; the CUNEIFORM_* settings "
+            "or .cuneiform/stack.env say where they are)",
+            file=sys.stderr,
+        )
         code = 1
     sys.exit(code)
 
