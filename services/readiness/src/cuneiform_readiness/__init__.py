@@ -1,0 +1,1 @@
+"""Cuneiform readiness: the training-readiness rules and frozen training batches."""
