@@ -174,3 +174,34 @@ async def _rows(dsn: str, sql: str) -> list[Any]:
     from tests.support import query
 
     return await query(dsn, sql)
+
+
+async def test_operators_ask_with_cuneiform_ask(connection: ConnectionSettings, start_readiness: Any) -> None:
+    import asyncio
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    await start_readiness()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUNEIFORM_")}
+    env |= {
+        "CUNEIFORM_ENV_FILE": "/nonexistent/stack.env",
+        "CUNEIFORM_NATS_URL": connection.nats_url,
+        "CUNEIFORM_NATS_PREFIX": connection.nats_prefix,
+    }
+    script = str(Path(sys.executable).parent / "cuneiform-ask")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([script, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    early = await asyncio.to_thread(run, "readiness", "status")
+    assert early.returncode == 1 and "start cuneiform-recorder" in early.stderr
+    await store(connection.pg_dsn, [])  # the recorder's tables, empty
+    status = await asyncio.to_thread(run, "readiness", "status")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["ready"] is False  # an empty database
+    refused = await asyncio.to_thread(run, "readiness", "trigger", '{"force": true, "who": "bob"}')
+    assert refused.returncode == 1 and "nothing to train on" in refused.stderr
+    nobody = await asyncio.to_thread(run, "deployer", "status")
+    assert nobody.returncode == 1 and "no deployer service answers" in nobody.stderr

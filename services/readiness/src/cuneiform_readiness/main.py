@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
 from cuneiform_core.events import BatchCreated, TrajectoryCompleted, publish, stable_id
 from cuneiform_core.logging import get_logger
 from cuneiform_core.runtime import ConsumerOptions, Delivery
@@ -38,6 +39,10 @@ _LOCK = 0x0C0E1F0A_0000_0001
 
 
 class NothingToBatch(RuntimeError):
+    pass
+
+
+class RecorderMissing(RuntimeError):
     pass
 
 
@@ -89,7 +94,13 @@ class Readiness:
 
     async def evaluate(self) -> Verdict:
         async with self.service.pool.acquire() as conn:
-            verdict = evaluate(await snapshot(conn, self.settings), self.settings)
+            try:
+                numbers = await snapshot(conn, self.settings)
+            except asyncpg.UndefinedTableError:
+                raise RecorderMissing(
+                    "the recorder's tables do not exist yet: start cuneiform-recorder (it creates them) first"
+                ) from None
+            verdict = evaluate(numbers, self.settings)
         self.verdict = verdict
         READY.set(1 if verdict.ready else 0)
         for rule in verdict.rules:
