@@ -1,0 +1,1 @@
+"""Training backends: each turns a verified dataset into a model artifact."""
