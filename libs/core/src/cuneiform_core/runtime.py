@@ -93,11 +93,15 @@ def is_transient(error: BaseException) -> bool:
     """Does this failure say "try again later" rather than "this input is bad"?
 
     asyncpg's ``InterfaceError`` is mostly a programming or data error (wrong arguments, a value of
-    the wrong type), which retrying cannot fix; only its "connection is closed" form is transient.
+    the wrong type), which retrying cannot fix; only its forms that report a dead connection are transient.
     """
     if isinstance(error, TRANSIENT_ERRORS):
         return True
-    return isinstance(error, asyncpg.InterfaceError) and "connection is closed" in str(error)
+    # "another operation is in progress": the connection died in the middle of an operation (the server
+    # went away) and asyncpg refuses the next one on it; services never share a connection otherwise.
+    return isinstance(error, asyncpg.InterfaceError) and (
+        "connection is closed" in str(error) or "another operation is in progress" in str(error)
+    )
 
 
 # Positions in a JetStream ack subject: ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``
