@@ -97,6 +97,71 @@ class DatasetExported(PipelineEvent):
     excluded_group_count: int = 0
 
 
+class OfferedFile(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    #: Presigned GET URL: trainers need no storage credentials.
+    url: str
+    sha256: str
+    size: int
+
+
+class TrainingOffer(PipelineEvent):
+    """``batch.ready.<pool>`` (work queue): one trainer claims it. ``attempt`` fences: reports carrying
+    another attempt number are rejected, so a trainer that lost its claim can never register a model."""
+
+    batch_id: uuid.UUID
+    dataset_id: uuid.UUID
+    attempt: int
+    pool: str
+    model_name: str
+    base_model: str
+    #: The starting model's artifact (presigned GET), when there is one.
+    base_model_url: str | None = None
+    hyperparameters: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    files: list[OfferedFile]
+    artifact_key: str
+    #: Presigned PUT URL for the trained artifact.
+    artifact_upload_url: str
+    #: A claimed offer whose trainer is silent this long is taken back and offered again.
+    heartbeat_timeout_s: float
+
+
+TRAINING_REPORT_KINDS = ("claimed", "heartbeat", "progress", "completed", "failed")
+
+
+class TrainingReport(PipelineEvent):
+    """``training.<batch_id>.<kind>``: what a trainer says about its attempt."""
+
+    batch_id: uuid.UUID
+    attempt: int
+    trainer_id: str
+    kind: Literal["claimed", "heartbeat", "progress", "completed", "failed"]
+    step: int | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    artifact_size: int | None = None
+    artifact_sha256: str | None = None
+    reason: str | None = None
+
+
+class ModelTrained(PipelineEvent):
+    """A verified artifact registered as a new model version, with its lineage."""
+
+    model_name: str
+    model_version: str
+    batch_id: uuid.UUID
+    dataset_id: uuid.UUID
+    base_model: str
+    bucket: str
+    artifact_key: str
+    artifact_sha256: str
+    artifact_size: int
+    metrics: dict[str, float] = Field(default_factory=dict)
+    trainer_id: str
+    attempt: int
+
+
 class DeadLetter(PipelineEvent):
     """A message a service can never process: why, and the exact bytes, for inspection or replay."""
 

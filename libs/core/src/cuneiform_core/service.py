@@ -233,7 +233,9 @@ class Service:
 
     async def _open_database(self) -> asyncpg.Pool:
         assert self._migrations is not None
-        return await db.open_database(self.connection.pg_dsn, self.name, self._migrations, max_size=self._pool_size)
+        # A service named like "trainer-dispatcher" owns the schema "trainer_dispatcher".
+        schema = self.name.replace("-", "_")
+        return await db.open_database(self.connection.pg_dsn, schema, self._migrations, max_size=self._pool_size)
 
     async def _connect_database_eventually(self) -> None:
         while self._pool is None:

@@ -146,6 +146,10 @@ def batch_ready_subject(pool: str) -> str:
     return f"batch.ready.{pool}"
 
 
+def training_subject(batch_id: object, kind: str) -> str:
+    return f"training.{batch_id}.{kind}"
+
+
 def command_subject(service: str, verb: str) -> str:
     return f"cmd.{service}.{verb}"
 

@@ -1,0 +1,1 @@
+"""Cuneiform trainer-dispatcher: a batch's life after export."""
