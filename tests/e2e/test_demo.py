@@ -79,6 +79,10 @@ async def test_make_demo_records_a_fleet_end_to_end() -> None:
         )
         assert "tabular softmax policy" in run.stdout and "stand-in" in run.stdout, output
         assert "next issues" in run.stdout, output
+        # The loop closed: readiness fired, the trainer trained, the model is registered and does better.
+        assert "trained and registered v2" in run.stdout, output
+        held_out = re.search(r"mean reward ([+-][0-9.]+) \(v1\) → ([+-][0-9.]+) \(v2\)", run.stdout)
+        assert held_out and float(held_out.group(2)) > float(held_out.group(1)), output
         assert "Where to look" in run.stdout and "psql" in run.stdout, output
         assert (data_dir / "logs" / "recorder.log").is_file()
         print(f"cuneiform-demo took {took:.1f} s")

@@ -1,12 +1,15 @@
-"""``cuneiform-demo`` (``make demo``): the recording half of the flywheel, end to end, on this machine.
+"""``cuneiform-demo`` (``make demo``): the flywheel, end to end, on this machine.
 
 1. start (or reuse) the embedded stack — nats-server, PostgreSQL, an S3 endpoint — on free ports;
-2. start the recorder and archiver services, each as its own process, as they are deployed;
+2. start the services (recorder, archiver, readiness, trainer-dispatcher, trainer), each as its own
+   process, as they are deployed;
 3. run a simulated fleet of trading agents that record every decision through the SDK;
 4. wait until the recorder has stored every event and proved each trajectory complete;
 5. read the results back from PostgreSQL;
-6. wait until the archiver holds every event in its S3 segments, export the run's trajectories as a
-   training dataset (OpenPipe ART + OpenAI chat JSONL + manifest), and say where to look.
+6. the loop: the archiver holds every event in its S3 segments; readiness fires and freezes a batch; the
+   archiver exports it (OpenPipe ART + OpenAI chat JSONL + manifest); the reference trainer trains the
+   policy with GRPO on its CPU backend; the dispatcher verifies and registers the model; the trained
+   policy is checked on held-out markets — then say where to look.
 
 The agents' "LLM" is a tabular softmax policy, a stand-in for a real model (see ``policy``).
 """
@@ -28,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from cuneiform_archiver.datasets import ExportResult
 from cuneiform_core.logging import configure_logging
+from cuneiform_core.storage import ObjectStore
 from cuneiform_sdk import Recorder
 from cuneiform_stack import LocalStack, StackEndpoints, StackError
 from cuneiform_stack.cli import DEFAULT_DATA_DIR
@@ -37,14 +40,12 @@ from cuneiform_stack.cli import DEFAULT_DATA_DIR
 from .console import Console, DemoError, shown
 from .environment import ACTIONS, TRENDS
 from .fleet import FleetPlan, FleetResult, run_fleet
-from .policy import STAND_IN_NOTE, TabularPolicy
+from .policy import STAND_IN_NOTE, TabularPolicy, held_out_reward
 from .recorder_process import ServiceProcess, current_env, recorder_env
-from .report import SCHEMA, Summary, export_run, finalized_counts, read_summary, stream_last_seq
+from .report import SCHEMA, LoopOutcome, Summary, finalized_counts, loop_outcome, read_summary, stream_last_seq
 
 SECTIONS = 6
-NEXT_ISSUES = (
-    "readiness rules, training (GRPO on these groups) and rollout of the trained policy arrive with the next issues"
-)
+NEXT_ISSUES = "rolling the trained policy out to the fleet (canary, A/B on live reward, promote or roll back)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,15 +85,16 @@ class Demo:
         )
         self.stack = LocalStack(args.data_dir, progress=lambda message: console.item(f"· {message}"))
         self.recorder: ServiceProcess | None = None
-        self.archiver: ServiceProcess | None = None
-        self.dataset: ExportResult | None = None
+        #: archiver, readiness, trainer-dispatcher, trainer (started after the recorder, stopped before it).
+        self.loop: dict[str, ServiceProcess] = {}
+        self.outcome: LoopOutcome | None = None
         self.kept_pid: int | None = None
 
     def run(self) -> int:
         c = self.console
         c.say(
-            "Cuneiform demo: agents record every decision; the recorder stores them in PostgreSQL, the archiver "
-            "keeps the cold copy in S3 and exports a training dataset"
+            "Cuneiform demo, the whole loop: agents record every decision; readiness decides there is enough "
+            "good data; the archiver exports it; a trainer trains the policy with GRPO; the model is registered"
         )
         c.item(f"Note: {STAND_IN_NOTE}.")
         began = time.monotonic()
@@ -101,14 +103,16 @@ class Demo:
             recorder = self.start_recorder(endpoints)
             summary = asyncio.run(self.drive(endpoints, recorder))
         finally:
-            self.finish_archiver()
+            self.finish_loop()
             stopped = self.finish_recorder()
         problems = self.check(summary)
         if not problems:
             c.say()
+            model = self.outcome.model if self.outcome else None
+            trained = f"; trained and registered {model['model_version']}" if model else ""
             c.say(
                 f"Done in {time.monotonic() - began:.0f} s: {self.plan.trajectories} trajectories recorded by "
-                f"{self.plan.agents} agents, every event stored once, every trajectory proved complete."
+                f"{self.plan.agents} agents, every event stored once, every trajectory proved complete{trained}."
             )
         self.print_where_to_look(endpoints, recorder, stopped)
         if problems:
@@ -138,7 +142,7 @@ class Demo:
     # --- 2. the recorder -------------------------------------------------------------------------------
 
     def start_recorder(self, endpoints: StackEndpoints) -> ServiceProcess:
-        self.console.section(2, SECTIONS, "Services: recorder (stream → PostgreSQL), archiver (stream → S3)")
+        self.console.section(2, SECTIONS, "Services: recorder, archiver, readiness, trainer-dispatcher, trainer")
         env = recorder_env(current_env(), endpoints.as_env(), self.stack.env_file)
         log_path = self.stack.log_dir / "recorder.log"
         self.recorder = ServiceProcess(env, log_path)
@@ -146,21 +150,39 @@ class Demo:
         self.recorder.start()
         took = self.recorder.wait_ready(self.args.ready_timeout)
         self.console.item(f"ready in {took:.1f} s (pid {self.recorder.pid}, metrics {self.recorder.metrics_url})")
-        archiver_log = self.stack.log_dir / "archiver.log"
-        # Segments every 2 s rather than every minute: the demo's fleet is small and the run is short.
-        archiver_env = {"CUNEIFORM_ARCHIVER_SEGMENT_MAX_AGE_S": "2", **env}
-        self.archiver = ServiceProcess(archiver_env, archiver_log, service="archiver")
-        self.console.item(f"starting cuneiform-archiver; its log: {shown(archiver_log)}")
-        self.archiver.start()
-        took = self.archiver.wait_ready(self.args.ready_timeout)
-        self.console.item(f"ready in {took:.1f} s (pid {self.archiver.pid}, metrics {self.archiver.metrics_url})")
+        for service, settings in self.loop_settings().items():
+            log_path = self.stack.log_dir / f"{service}.log"
+            process = ServiceProcess({**settings, **env}, log_path, service=service)
+            self.console.item(f"starting cuneiform-{service}; its log: {shown(log_path)}")
+            process.start()
+            self.loop[service] = process
+            took = process.wait_ready(self.args.ready_timeout)
+            self.console.item(f"ready in {took:.1f} s (pid {process.pid}, metrics {process.metrics_url})")
         return self.recorder
 
-    def finish_archiver(self) -> None:
-        """The archiver stops with the demo (SIGTERM: it stores the segment in hand first)."""
-        archiver, self.archiver = self.archiver, None
-        if archiver is not None and archiver.alive:
-            archiver.stop()
+    def loop_settings(self) -> dict[str, dict[str, str]]:
+        """The rest of the loop, tuned to a small, short run (the defaults suit a fleet running all day)."""
+        plan = self.plan
+        return {
+            # Segments every 2 s rather than every minute.
+            "archiver": {"CUNEIFORM_ARCHIVER_SEGMENT_MAX_AGE_S": "2"},
+            # Ready once this run's worth of data is in; evaluated a second after trajectories complete.
+            "readiness": {
+                "CUNEIFORM_READINESS_MIN_TRAJECTORIES": str(plan.trajectories),
+                "CUNEIFORM_READINESS_MIN_GROUPS": str(max(1, plan.groups * plan.episodes // 2)),
+                "CUNEIFORM_READINESS_COOLDOWN_S": "0",
+                "CUNEIFORM_READINESS_EVENT_DEBOUNCE_S": "1",
+            },
+            "trainer-dispatcher": {"CUNEIFORM_TRAINER_DISPATCHER_HEARTBEAT_TIMEOUT_S": "60"},
+            "trainer": {"CUNEIFORM_TRAINER_HEARTBEAT_INTERVAL_S": "2"},
+        }
+
+    def finish_loop(self) -> None:
+        """The loop's services stop with the demo (SIGTERM: each finishes what it holds first)."""
+        for process in reversed(list(self.loop.values())):
+            if process.alive:
+                process.stop()
+        self.loop = {}
 
     def finish_recorder(self) -> bool:
         """Stop the recorder gracefully (SIGTERM) unless --keep-running; whether it was stopped."""
@@ -190,40 +212,70 @@ class Demo:
         finally:
             await conn.close()
         self.print_summary(summary)
-        await self.archive_and_export(endpoints, result.trajectory_ids)
+        self.outcome = await self.close_the_loop(endpoints, run_started)
         return summary
 
-    async def archive_and_export(self, endpoints: StackEndpoints, ids: list[uuid.UUID]) -> None:
+    async def close_the_loop(self, endpoints: StackEndpoints, run_started: datetime) -> LoopOutcome:
+        """Readiness fires, the archiver exports, the trainer trains, the model is registered."""
         c = self.console
-        c.section(6, SECTIONS, "Archiver: the cold copy in S3, and this run as a training dataset")
-        archiver = self.archiver
-        assert archiver is not None
+        c.section(6, SECTIONS, "The loop: readiness → dataset → training → registered model")
+        archiver = self.loop["archiver"]
         stream_last = await stream_last_seq(endpoints.nats_url)
         deadline = time.monotonic() + self.args.wait_timeout
         while (archived := archiver.metric("cuneiform_archiver_last_archived_seq")) < stream_last:
-            if not archiver.alive or time.monotonic() > deadline:
-                raise DemoError(
-                    f"the archiver holds events up to {archived:.0f} of {stream_last}; last lines of "
-                    f"{shown(archiver.log.path)}:\n{archiver.log_tail()}"
-                )
+            self.check_alive(deadline, f"the archive holds {archived:.0f} of {stream_last} events")
             c.progress(f"  segments hold {archived:,.0f} of {stream_last:,} stream events")
             await asyncio.sleep(0.25)
-        segments = archiver.metric("cuneiform_archiver_segments_total")
-        c.item(f"every stream event ({stream_last:,}) is in a zstd JSONL segment ({segments:.0f} written by this run)")
-        self.dataset = result = await export_run(endpoints, ids)
-        m = result.manifest
-        included = [g for g in m["groups"] if g["included"]]
-        excluded = [g for g in m["groups"] if not g["included"]]
-        c.item(f"dataset {result.dataset_id}: s3://cuneiform/{result.prefix}")
+        c.item(f"cold copy: every stream event ({stream_last:,}) is in a zstd JSONL segment in S3")
+        conn = await self.connect(endpoints.pg_dsn)
+        try:
+            while (outcome := await loop_outcome(conn, run_started)).model is None:
+                self.check_alive(deadline, f"the loop got as far as: {outcome.stage}")
+                c.progress(f"  {outcome.stage}")
+                await asyncio.sleep(0.25)
+        finally:
+            await conn.close()
+        assert outcome.model is not None and outcome.batch is not None
+        b, d, m = outcome.batch, outcome.dataset, outcome.model
+        c.item(f"readiness: batch {b['batch_id']} of {b['trajectory_count']} trajectories in {b['group_count']} groups")
+        c.item(f"    why: {b['reason']}")
+        if d is not None:
+            c.item(f"archiver: dataset {d['dataset_id']}: s3://cuneiform/{d['prefix']}")
+            for f in d["files"]:
+                size = f"{f['size'] / 1024:>8.1f} KiB"
+                c.item(f"    {f['name']:<18} {f['records']:>5} lines  {size}  sha256 {f['sha256'][:16]}…")
+        metrics = m["metrics"]
         c.item(
-            f"    art.jsonl: {m['art_trajectory_count']} trajectories in {len(included)} GRPO groups "
-            f"({len(excluded)} group(s) left out: no reward spread or fewer than 2 trajectories)"
+            f"trainer ({m['trainer_id']}, CPU GRPO backend): {metrics.get('decisions', 0):.0f} decisions in "
+            f"{metrics.get('groups_used', 0):.0f} groups, loss {metrics.get('loss', 0):+.3f}"
         )
-        for f in m["files"]:
-            c.item(
-                f"    {f['name']:<18} {f['records']:>5} lines  {f['size'] / 1024:>8.1f} KiB  sha256 {f['sha256'][:16]}…"
-            )
-        c.item(f"    openai_chat.jsonl holds the best {len(m['sft']['trajectory_ids'])} trajectories (SFT)")
+        digest = m["artifact_sha256"][:16]
+        c.item(f"registry: {m['model_name']} {m['model_version']} (sha256 {digest}…, attempt {m['attempt']})")
+        store = ObjectStore(
+            endpoints.s3_endpoint,
+            endpoints.s3_access_key,
+            endpoints.s3_secret_key,
+            m["bucket"],
+            region=endpoints.s3_region,
+        )
+        trained = TabularPolicy.loads((await store.get_bytes(m["artifact_key"])).decode())
+        outcome.before = held_out_reward(self.policy, episodes=400)
+        outcome.after = held_out_reward(trained, episodes=400)
+        c.item(
+            f"held-out check, 400 markets the policy never saw: mean reward {outcome.before:+.2f} "
+            f"({self.policy.version}) → {outcome.after:+.2f} ({m['model_version']})"
+        )
+        return outcome
+
+    def check_alive(self, deadline: float, where: str) -> None:
+        for name, process in self.loop.items():
+            if not process.alive:
+                raise DemoError(
+                    f"cuneiform-{name} exited ({where}); last lines of {shown(process.log.path)}:\n{process.log_tail()}"
+                )
+        if time.monotonic() > deadline:
+            logs = ", ".join(shown(p.log.path) for p in self.loop.values())
+            raise DemoError(f"the loop did not finish within {self.args.wait_timeout:.0f} s ({where}); see {logs}")
 
     async def connect(self, dsn: str) -> asyncpg.Connection:
         try:
@@ -370,8 +422,12 @@ class Demo:
             c.item(f"{'Recorder':<14}{recorder.metrics_url} (still running; stop it with: kill {self.kept_pid})")
         c.item(f"{'':<14}log: {shown(recorder.log.path)}")
         c.item(f"{'Archive':<14}`.venv/bin/cuneiform-archiver segments` lists the raw segments in S3")
-        if self.dataset is not None:
-            c.item(f"{'Dataset':<14}{self.dataset.prefix} in bucket cuneiform (manifest.json lists files and sha256)")
+        if self.outcome is not None and self.outcome.dataset is not None:
+            prefix = self.outcome.dataset["prefix"]
+            c.item(f"{'Dataset':<14}{prefix} in bucket cuneiform (manifest.json lists files and sha256)")
+        c.item(
+            f"{'Ask':<14}`.venv/bin/cuneiform-ask readiness status` (also: archiver status, trainer-dispatcher models)"
+        )
         c.item(f"{'':<14}`.venv/bin/cuneiform-archiver export --help`: datasets from any filter")
         c.item(f"{'NATS monitor':<14}{endpoints.nats_monitor_url}/jsz?streams=true")
         c.item(
@@ -380,7 +436,7 @@ class Demo:
         )
         c.say()
         c.say(f"Note: {STAND_IN_NOTE}.")
-        c.say(f"Next: {NEXT_ISSUES}.")
+        c.say(f"Next (the next issues): {NEXT_ISSUES}.")
 
     def check(self, s: Summary) -> list[str]:
         problems = []

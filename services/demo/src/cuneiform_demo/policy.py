@@ -227,3 +227,15 @@ def decide(policy: TabularPolicy, observation: Observation, rng: random.Random) 
         logprobs={"content": [{"token": action, "logprob": math.log(probabilities[action]), "top_logprobs": top}]},
         latency_ms=round(latency_ms, 4),
     )
+
+
+def held_out_reward(policy: TabularPolicy, episodes: int = 400, seed: int = 10_000) -> float:
+    """Mean reward of ``policy`` over ``episodes`` markets it never trained on (seeds from ``seed`` on),
+    sampling its decisions with a seeded RNG: the same markets and draws for every policy compared."""
+    from .environment import make_scenario, play
+
+    rng = random.Random(seed)
+    total = 0.0
+    for n in range(episodes):
+        total += play(make_scenario(seed + n), lambda observation: policy.sample(observation.trend, rng))
+    return total / episodes

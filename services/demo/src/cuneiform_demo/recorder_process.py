@@ -23,7 +23,8 @@ def service_command(service: str = "recorder") -> list[str]:
     script = Path(sys.executable).parent / f"cuneiform-{service}"
     if script.is_file():
         return [str(script)]
-    return [sys.executable, "-c", f"from cuneiform_{service}.main import main; main()"]
+    module = f"cuneiform_{service.replace('-', '_')}.main"
+    return [sys.executable, "-c", f"from {module} import main; main()"]
 
 
 class ServiceProcess:
@@ -31,7 +32,7 @@ class ServiceProcess:
         self.service = service
         self.port = PortAllocator().claim()
         self.log = ServerLog(log_path)
-        upper = service.upper()
+        upper = service.upper().replace("-", "_")
         self.env = {
             **env,
             f"CUNEIFORM_{upper}_METRICS_PORT": str(self.port),

@@ -6,15 +6,12 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import nats
-from cuneiform_archiver.datasets import ExportConfig, ExportResult, Selection, export_dataset, record_dataset
-from cuneiform_core.db import load_migrations, open_database
-from cuneiform_core.storage import ObjectStore
 from cuneiform_core.topology import TRAJECTORIES
 from cuneiform_sdk.contract import EVENT_TYPES
-from cuneiform_stack import StackEndpoints
 
 #: The recorder's schema (it owns these tables; we only read them).
 SCHEMA = "recorder"
@@ -131,18 +128,52 @@ async def stream_last_seq(nats_url: str) -> int:
         await nc.close()
 
 
-async def export_run(endpoints: StackEndpoints, ids: list[uuid.UUID]) -> ExportResult:
-    """This run's trajectories as a dataset, exactly as a batch of them would be exported."""
-    store = ObjectStore(
-        endpoints.s3_endpoint, endpoints.s3_access_key, endpoints.s3_secret_key, "cuneiform", region=endpoints.s3_region
-    )
-    pool = await open_database(
-        endpoints.pg_dsn, "archiver", load_migrations("cuneiform_archiver.migrations"), max_size=2
-    )
+@dataclass
+class LoopOutcome:
+    """How far this run got through the loop, read from each service's own tables."""
+
+    batch: dict[str, Any] | None = None
+    dataset: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+    stage: str = "waiting for readiness to fire"
+    before: float | None = None
+    after: float | None = None
+
+
+async def _row(conn: asyncpg.Connection, sql: str, *args: Any) -> dict[str, Any] | None:
     try:
-        selection = Selection(trajectory_ids=tuple(ids))
-        result = await export_dataset(pool, store, selection, ExportConfig())
-        await record_dataset(pool, result, selection)
-        return result
-    finally:
-        await pool.close()
+        row = await conn.fetchrow(sql, *args)
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+        return None  # that service has not created its tables yet
+    if row is None:
+        return None
+    # jsonb columns arrive as text on the demo's plain connection.
+    return {k: json.loads(v) if k in _JSON_COLUMNS and isinstance(v, str) else v for k, v in dict(row).items()}
+
+
+_JSON_COLUMNS = {"files", "metrics", "verdict", "selection", "progress"}
+
+
+async def loop_outcome(conn: asyncpg.Connection, since: datetime) -> LoopOutcome:
+    out = LoopOutcome()
+    out.batch = await _row(
+        conn, "SELECT * FROM readiness.batches WHERE created_at >= $1 ORDER BY created_at DESC LIMIT 1", since
+    )
+    if out.batch is None:
+        return out
+    out.stage = f"batch {out.batch['batch_id']} created; the archiver is exporting it"
+    out.dataset = await _row(conn, "SELECT * FROM archiver.datasets WHERE batch_id = $1", out.batch["batch_id"])
+    if out.dataset is None:
+        return out
+    training = await _row(
+        conn,
+        "SELECT state, attempt, progress FROM trainer_dispatcher.batches WHERE batch_id = $1",
+        out.batch["batch_id"],
+    )
+    out.stage = (
+        "dataset exported; waiting for a trainer"
+        if training is None
+        else (f"training: {training['state']} (attempt {training['attempt']})")
+    )
+    out.model = await _row(conn, "SELECT * FROM trainer_dispatcher.models WHERE batch_id = $1", out.batch["batch_id"])
+    return out

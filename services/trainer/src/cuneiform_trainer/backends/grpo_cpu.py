@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cuneiform_demo.environment import ACTIONS, TRENDS, make_scenario, play
-from cuneiform_demo.policy import TabularPolicy
+from cuneiform_demo.environment import ACTIONS, TRENDS
+from cuneiform_demo.policy import TabularPolicy, held_out_reward
 
 _TREND = re.compile(r"trend (up|down|flat)\b")
 Progress = Callable[[int, dict[str, float]], None]
@@ -105,15 +104,15 @@ def train(
             advantage = (reward - mean) / (std + 1e-6)
             samples += [(trend, action, advantage) for trend, action in pairs]
 
-    logits = {t: dict(start.logits[t]) for t in TRENDS}
-    initial = {t: dict(start.logits[t]) for t in TRENDS}
+    logits: dict[str, dict[str, float]] = {t: dict(start.logits[t]) for t in TRENDS}
+    initial: dict[str, dict[str, float]] = {t: dict(start.logits[t]) for t in TRENDS}
     policy = TabularPolicy(logits=logits, name=start.name, version=version, temperature=start.temperature)
     loss = 0.0
     for epoch in range(1, epochs + 1):
-        gradient = {t: dict.fromkeys(ACTIONS, 0.0) for t in TRENDS}
+        gradient: dict[str, dict[str, float]] = {t: dict.fromkeys(ACTIONS, 0.0) for t in TRENDS}
         loss = 0.0
         for trend, action, advantage in samples:
-            probabilities: dict[str, float] = dict(policy.probabilities(trend))
+            probabilities: dict[str, float] = {a: p for a, p in policy.probabilities(trend).items()}
             loss -= advantage * math.log(max(probabilities[action], 1e-12))
             for a in ACTIONS:
                 gradient[trend][a] += advantage * ((1.0 if a == action else 0.0) - probabilities[a])
@@ -138,13 +137,8 @@ def train(
 
 
 def evaluate(policy: TabularPolicy, episodes: int = 400, seed: int = 10_000) -> float:
-    """Mean reward over ``episodes`` held-out markets (seeds from ``seed`` on), sampling with a seeded RNG."""
-    rng = random.Random(seed)
-    total = 0.0
-    for n in range(episodes):
-        scenario = make_scenario(seed + n)
-        total += play(scenario, lambda observation: policy.sample(observation.trend, rng))
-    return total / episodes
+    """Mean reward over held-out markets of the demo environment (see ``held_out_reward``)."""
+    return held_out_reward(policy, episodes, seed)
 
 
 def train_dataset(
