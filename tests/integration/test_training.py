@@ -20,7 +20,15 @@ from cuneiform_core.events import BatchCreated, ModelTrained, TrainingOffer, Tra
 from cuneiform_core.service import Service
 from cuneiform_core.settings import ConnectionSettings
 from cuneiform_core.storage import ObjectStore
-from cuneiform_core.topology import BATCH_CREATED, BATCHES, MODEL_TRAINED, PIPELINE, Topology, training_subject
+from cuneiform_core.topology import (
+    BATCH_CREATED,
+    BATCHES,
+    MODEL_TRAINED,
+    PIPELINE,
+    TRAINING,
+    Topology,
+    training_subject,
+)
 from cuneiform_demo.environment import Episode as Market
 from cuneiform_demo.environment import make_scenario
 from cuneiform_demo.policy import TRADE_TOOL, TabularPolicy, chat_messages, tool_call_response
@@ -126,6 +134,11 @@ async def test_a_batch_is_trained_by_the_reference_trainer_and_registered_once(
     assert model["metrics"]["groups_used"] > 0
     attempts = await query(connection.pg_dsn, "SELECT outcome FROM trainer_dispatcher.attempts")
     assert [a["outcome"] for a in attempts] == ["completed"]
+    # The trainer reported as it went: claimed, progress per epoch (step, loss), completed.
+    reports = await stream_messages(js, topology.stream(TRAINING), topology.subject(f"training.{batch.batch_id}.*"))
+    kinds = [r["kind"] for r in reports]
+    assert kinds[0] == "claimed" and kinds[-1] == "completed" and kinds.count("progress") == 20
+    assert all("loss" in r["metrics"] for r in reports if r["kind"] == "progress")
 
 
 async def take_offer(js: JetStreamContext, topology: Topology) -> tuple[TrainingOffer, Any]:

@@ -12,6 +12,7 @@ the reason. Every report carries the attempt number, which is what the dispatche
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import urllib.request
@@ -130,9 +131,24 @@ class Trainer:
             start = None
             if offer.base_model_url:
                 start = _json(await asyncio.to_thread(_download, offer.base_model_url, None))
+            loop = asyncio.get_running_loop()
+            sent: list[concurrent.futures.Future[None]] = []
+
+            def progress(step: int, numbers: dict[str, float]) -> None:
+                # Called in the training thread: the report is published from the event loop.
+                report = self.report(offer, "progress", sequence=step, step=step, metrics=numbers)
+                sent.append(asyncio.run_coroutine_threadsafe(report, loop))
+
             artifact, metrics = await asyncio.to_thread(
-                grpo_cpu.train_dataset, files["art.jsonl"], start, _next_version(offer), **offer.hyperparameters
+                grpo_cpu.train_dataset,
+                files["art.jsonl"],
+                start,
+                _next_version(offer),
+                progress,
+                **offer.hyperparameters,
             )
+            # Progress reports go out before the result, in order.
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in sent), return_exceptions=True)
             await asyncio.to_thread(_upload, offer.artifact_upload_url, artifact)
             digest = hashlib.sha256(artifact).hexdigest()
             await self.report(offer, "completed", metrics=metrics, artifact_size=len(artifact), artifact_sha256=digest)

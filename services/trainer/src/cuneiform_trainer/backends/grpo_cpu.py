@@ -138,14 +138,18 @@ def train(
 
 def evaluate(policy: TabularPolicy, episodes: int = 400, seed: int = 10_000) -> float:
     """Mean reward over held-out markets of the demo environment (see ``held_out_reward``)."""
-    return held_out_reward(policy, episodes, seed)
+    return float(held_out_reward(policy, episodes, seed))
 
 
 def train_dataset(
-    art_jsonl: bytes, start_policy: dict[str, Any] | None, version: str, **hyperparameters: Any
+    art_jsonl: bytes,
+    start_policy: dict[str, Any] | None,
+    version: str,
+    progress: Progress | None = None,
+    **hyperparameters: Any,
 ) -> tuple[bytes, dict[str, float]]:
     """The backend's entry point: ``art.jsonl`` bytes (+ the starting policy) → artifact bytes, metrics."""
     groups = [json.loads(line) for line in art_jsonl.splitlines() if line.strip()]
     start = TabularPolicy.from_json(start_policy) if start_policy else TabularPolicy()
-    result = train(groups, start, version=version, **hyperparameters)
+    result = train(groups, start, version=version, progress=progress, **hyperparameters)
     return result.policy.dumps().encode(), result.metrics
