@@ -178,3 +178,20 @@ def connection(servers: Servers, pg_dsn: str, nats_prefix: str) -> ConnectionSet
         "nats_storage_gib": TEST_STORAGE_GIB,
     }
     return ConnectionSettings(**values)
+
+
+@pytest.fixture
+def log_dir() -> Iterator[Path]:
+    """A folder for the logs of the service processes a test starts (outside pytest's tmp: see above)."""
+    folder = Path(tempfile.mkdtemp(prefix="cuneiform-test-logs-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+async def services() -> AsyncIterator[list[Any]]:
+    """Services a test starts in-process (append them); stopped afterwards, last started first."""
+    started: list[Any] = []
+    yield started
+    for service in reversed(started):
+        await service.stop()

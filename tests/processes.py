@@ -22,6 +22,25 @@ from cuneiform_stack.process import LOOPBACK, http_status
 from tests.support import eventually
 
 
+def deployment_env(connection: ConnectionSettings, env_file: Path | str = "/nonexistent/stack.env") -> dict[str, str]:
+    """This process's environment without any CUNEIFORM_* of the developer's, plus the test's deployment
+    (a developer's .cuneiform/stack.env must not leak in either)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUNEIFORM_")}
+    env |= {
+        "CUNEIFORM_ENV_FILE": str(env_file),
+        "CUNEIFORM_NATS_URL": connection.nats_url,
+        "CUNEIFORM_NATS_PREFIX": connection.nats_prefix,
+        "CUNEIFORM_NATS_STORAGE_GIB": str(connection.nats_storage_gib),
+        "CUNEIFORM_PG_DSN": connection.pg_dsn,
+        "CUNEIFORM_S3_ENDPOINT": connection.s3_endpoint,
+        "CUNEIFORM_S3_ACCESS_KEY": connection.s3_access_key,
+        "CUNEIFORM_S3_SECRET_KEY": connection.s3_secret_key,
+        "CUNEIFORM_S3_REGION": connection.s3_region,
+        "CUNEIFORM_S3_BUCKET": connection.s3_bucket,
+    }
+    return env
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
@@ -36,24 +55,9 @@ class ServiceProcess:
         self.port = _free_port()
         self.log_path = log_dir / f"{service}-{uuid.uuid4().hex[:6]}.log"
         upper = service.upper().replace("-", "_")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CUNEIFORM_")}
-        env.update(
-            {
-                # A developer's .cuneiform/stack.env must not leak in.
-                "CUNEIFORM_ENV_FILE": str(log_dir / "no-such-stack.env"),
-                "CUNEIFORM_NATS_URL": connection.nats_url,
-                "CUNEIFORM_NATS_PREFIX": connection.nats_prefix,
-                "CUNEIFORM_NATS_STORAGE_GIB": str(connection.nats_storage_gib),
-                "CUNEIFORM_PG_DSN": connection.pg_dsn,
-                "CUNEIFORM_S3_ENDPOINT": connection.s3_endpoint,
-                "CUNEIFORM_S3_ACCESS_KEY": connection.s3_access_key,
-                "CUNEIFORM_S3_SECRET_KEY": connection.s3_secret_key,
-                "CUNEIFORM_S3_REGION": connection.s3_region,
-                "CUNEIFORM_S3_BUCKET": connection.s3_bucket,
-                f"CUNEIFORM_{upper}_METRICS_PORT": str(self.port),
-                f"CUNEIFORM_{upper}_LOG_JSON": "true",
-            }
-        )
+        env = deployment_env(connection, env_file=log_dir / "no-such-stack.env")
+        env[f"CUNEIFORM_{upper}_METRICS_PORT"] = str(self.port)
+        env[f"CUNEIFORM_{upper}_LOG_JSON"] = "true"
         env.update({f"CUNEIFORM_{upper}_{k.upper()}": str(v) for k, v in settings.items()})
         script = Path(sys.executable).parent / f"cuneiform-{service}"
         module = f"cuneiform_{service.replace('-', '_')}.main"

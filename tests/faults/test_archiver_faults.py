@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +20,6 @@ from tests.processes import ServiceProcess, metric
 from tests.support import eventually
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
-
-
-@pytest.fixture
-def log_dir() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="cuneiform-archiver-faults-"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 async def test_an_archiver_killed_mid_segment_leaves_every_event_in_exactly_one_segment(

@@ -43,13 +43,6 @@ STORAGE_GIB = 0.25
 
 
 @pytest.fixture
-def log_dir() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="cuneiform-faults-"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
 def recorders(log_dir: Path) -> Iterator[list[ServiceProcess]]:
     """Every recorder process a test starts, stopped afterwards; their logs are printed, which pytest
     shows when the test failed."""

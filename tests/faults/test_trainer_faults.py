@@ -4,9 +4,6 @@ registered — from the new attempt."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +18,6 @@ from tests.processes import ServiceProcess
 from tests.support import eventually, query
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
-
-
-@pytest.fixture
-def log_dir() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="cuneiform-trainer-faults-"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 async def test_a_trainer_killed_mid_training_loses_the_batch_to_a_new_attempt(

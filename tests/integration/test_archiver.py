@@ -41,14 +41,6 @@ FAST = {"segment_max_events": 100, "segment_max_age_s": 0.3, "fetch_batch": 200}
 
 
 @pytest.fixture
-async def services() -> AsyncIterator[list[Service]]:
-    started: list[Service] = []
-    yield started
-    for service in reversed(started):
-        await service.stop()
-
-
-@pytest.fixture
 def start_archiver(connection: ConnectionSettings, services: list[Service]) -> Callable[..., Awaitable[Archiver]]:
     async def start(connection: ConnectionSettings = connection, **overrides: Any) -> Archiver:
         archiver = Archiver(ArchiverSettings(**{**FAST, **overrides}), connection)

@@ -4,7 +4,6 @@ a clear message and a non-zero status when something is wrong."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,23 +13,13 @@ import pytest
 from cuneiform_core.settings import ConnectionSettings
 
 from tests.integration.test_datasets import multi_turn, planner_and_actor, store
+from tests.processes import deployment_env
 
 pytestmark = pytest.mark.integration
 
 
 def archiver_cli(connection: ConnectionSettings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CUNEIFORM_")}
-    env |= {
-        "CUNEIFORM_ENV_FILE": "/nonexistent/stack.env",
-        "CUNEIFORM_NATS_URL": connection.nats_url,
-        "CUNEIFORM_NATS_PREFIX": connection.nats_prefix,
-        "CUNEIFORM_NATS_STORAGE_GIB": str(connection.nats_storage_gib),
-        "CUNEIFORM_PG_DSN": connection.pg_dsn,
-        "CUNEIFORM_S3_ENDPOINT": connection.s3_endpoint,
-        "CUNEIFORM_S3_ACCESS_KEY": connection.s3_access_key,
-        "CUNEIFORM_S3_SECRET_KEY": connection.s3_secret_key,
-        "CUNEIFORM_S3_BUCKET": connection.s3_bucket,
-    }
+    env = deployment_env(connection)
     script = Path(sys.executable).parent / "cuneiform-archiver"
     return subprocess.run([str(script), *args], env=env, capture_output=True, text=True, timeout=120)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 
 from tests.faults.test_recorder_faults import stream_messages
 from tests.integration.test_datasets import Episode, multi_turn, store
+from tests.processes import deployment_env
 from tests.support import eventually, scalar
 
 pytestmark = pytest.mark.integration
@@ -47,14 +48,6 @@ def fleet() -> dict[str, list[Episode]]:
         "c": [multi_turn("market-c", 1.0)],  # alone: no signal
         "d": [multi_turn("market-d", 0.5), multi_turn("market-d", 0.5)],  # equal rewards: no signal
     }
-
-
-@pytest.fixture
-async def services() -> AsyncIterator[list[Service]]:
-    started: list[Service] = []
-    yield started
-    for service in reversed(started):
-        await service.stop()
 
 
 @pytest.fixture
@@ -178,18 +171,12 @@ async def _rows(dsn: str, sql: str) -> list[Any]:
 
 async def test_operators_ask_with_cuneiform_ask(connection: ConnectionSettings, start_readiness: Any) -> None:
     import asyncio
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
     await start_readiness()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CUNEIFORM_")}
-    env |= {
-        "CUNEIFORM_ENV_FILE": "/nonexistent/stack.env",
-        "CUNEIFORM_NATS_URL": connection.nats_url,
-        "CUNEIFORM_NATS_PREFIX": connection.nats_prefix,
-    }
+    env = deployment_env(connection)
     script = str(Path(sys.executable).parent / "cuneiform-ask")
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,6 @@ import hashlib
 import random
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -62,14 +61,6 @@ def demo_episode(seed: int, rng: random.Random) -> Episode:
         market.act(action)
     episode.end(market.total_reward)
     return episode
-
-
-@pytest.fixture
-async def services() -> AsyncIterator[list[Service]]:
-    started: list[Service] = []
-    yield started
-    for service in reversed(started):
-        await service.stop()
 
 
 async def start(services: list[Service], service: Service) -> None:
