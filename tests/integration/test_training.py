@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -93,16 +95,45 @@ def dispatcher(connection: ConnectionSettings, **overrides: Any) -> Dispatcher:
     return Dispatcher(DispatcherSettings(**settings), connection)
 
 
-def trainer(connection: ConnectionSettings, name: str = "trainer-a") -> Trainer:
-    return Trainer(TrainerSettings(trainer_id=name, heartbeat_interval_s=0.3), connection)
+def trainer(connection: ConnectionSettings, name: str = "trainer-a", **overrides: Any) -> Trainer:
+    return Trainer(TrainerSettings(trainer_id=name, heartbeat_interval_s=0.3, **overrides), connection)
+
+
+def wandb_runs(directory: Path) -> list[dict[str, Any]]:
+    """The offline W&B runs under ``directory``, read back with wandb's own record reader."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    runs = []
+    for path in sorted(directory.glob("wandb/offline-run-*/run-*.wandb")):
+        run: dict[str, Any] = {"history": [], "summary": {}, "config": {}}
+        store = datastore.DataStore()
+        store.open_for_scan(str(path))
+        while (data := store.scan_data()) is not None:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run["name"], run["group"] = record.run.display_name, record.run.run_group
+                run["config"] = {i.key: json.loads(i.value_json) for i in record.run.config.update}
+            elif kind == "history":
+                row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                run["history"].append(row)
+            elif kind == "summary":
+                run["summary"].update(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update}
+                )
+        runs.append(run)
+    return runs
 
 
 async def test_a_batch_is_trained_by_the_reference_trainer_and_registered_once(
-    connection: ConnectionSettings, js: JetStreamContext, topology: Topology, services: list[Service]
+    connection: ConnectionSettings, js: JetStreamContext, topology: Topology, services: list[Service], tmp_path: Path
 ) -> None:
     await start(services, Archiver(ArchiverSettings(segment_max_age_s=0.5), connection).service)
     await start(services, dispatcher(connection).service)
-    await start(services, trainer(connection).service)
+    # With Weights & Biases logging in offline mode: no account, no network.
+    await start(services, trainer(connection, wandb_mode="offline", wandb_dir=tmp_path).service)
     batch = await batch_of_demo_data(connection, js, topology)
 
     async def registered() -> bool:
@@ -130,6 +161,14 @@ async def test_a_batch_is_trained_by_the_reference_trainer_and_registered_once(
     kinds = [r["kind"] for r in reports]
     assert kinds[0] == "claimed" and kinds[-1] == "completed" and kinds.count("progress") == 20
     assert all("loss" in r["metrics"] for r in reports if r["kind"] == "progress")
+    # The attempt is a W&B run: the offer as config, a history row per epoch, the outcome in the summary.
+    [run] = wandb_runs(tmp_path)
+    assert run["name"] == f"demo-policy-{batch.batch_id}-a1" and run["group"] == str(batch.batch_id)
+    assert run["config"]["backend"] == "cpu" and run["config"]["hyperparameters"] == {"epochs": 20}
+    losses = [row["loss"] for row in run["history"] if "loss" in row]
+    assert losses == [r["metrics"]["loss"] for r in reports if r["kind"] == "progress"]
+    assert run["summary"]["outcome"] == "completed"
+    assert run["summary"]["final/groups_used"] == model["metrics"]["groups_used"]
 
 
 async def take_offer(js: JetStreamContext, topology: Topology) -> tuple[TrainingOffer, Any]:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
+import tempfile
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from cuneiform_core.events import TrainingOffer, TrainingReport, publish, stable_id
@@ -29,7 +32,8 @@ from faststream.nats import NatsBroker
 from nats.js.api import AckPolicy, ConsumerConfig
 from prometheus_client import Counter
 
-from .backends import grpo_cpu
+from . import tracking
+from .backends import TrainingJob, load
 from .settings import TrainerSettings
 
 log = get_logger(__name__)
@@ -98,6 +102,9 @@ class OfferWorker:
 class Trainer:
     def __init__(self, settings: TrainerSettings, connection: ConnectionSettings | None = None) -> None:
         self.settings = settings
+        self.backend = load(settings.backend)
+        if settings.wandb_mode != "disabled":
+            tracking.require_wandb()
         self.service = Service(settings, connection)
         self.worker = OfferWorker(self)
         self.service.add_consumer(self.worker)
@@ -126,11 +133,13 @@ class Trainer:
         log.info("trainer.claimed", batch_id=str(offer.batch_id), attempt=offer.attempt)
         await self.report(offer, "claimed")
         beats = asyncio.create_task(self._heartbeat(offer))
+        run: tracking.AttemptLog | None = None
         try:
             files = {f.name: await asyncio.to_thread(_download, f.url, f.sha256) for f in offer.files}
             start = None
             if offer.base_model_url:
-                start = _json(await asyncio.to_thread(_download, offer.base_model_url, None))
+                start = await asyncio.to_thread(_download, offer.base_model_url, None)
+            run = await asyncio.to_thread(tracking.start_attempt, self.settings, offer)
             loop = asyncio.get_running_loop()
             sent: list[concurrent.futures.Future[None]] = []
 
@@ -138,31 +147,48 @@ class Trainer:
                 # Called in the training thread: the report is published from the event loop.
                 report = self.report(offer, "progress", sequence=step, step=step, metrics=numbers)
                 sent.append(asyncio.run_coroutine_threadsafe(report, loop))
+                if run is not None:
+                    run.step(step, numbers)
 
-            artifact, metrics = await asyncio.to_thread(
-                grpo_cpu.train_dataset,
-                files["art.jsonl"],
-                start,
-                _next_version(offer),
-                progress,
-                **offer.hyperparameters,
-            )
+            with tempfile.TemporaryDirectory(prefix=f"attempt-{offer.attempt}-", dir=self._work_dir()) as workdir:
+                job = TrainingJob(
+                    files=files,
+                    model_name=offer.model_name,
+                    version=_next_version(offer),
+                    base_model=offer.base_model,
+                    start_artifact=start,
+                    hyperparameters=offer.hyperparameters,
+                    workdir=Path(workdir),
+                )
+                output = await asyncio.to_thread(self.backend.train, job, progress)
             # Progress reports go out before the result, in order.
             await asyncio.gather(*(asyncio.wrap_future(f) for f in sent), return_exceptions=True)
-            await asyncio.to_thread(_upload, offer.artifact_upload_url, artifact)
+            artifact, metrics = output.artifact, output.metrics
+            await asyncio.to_thread(_upload, offer.artifact_upload_url, artifact, output.content_type)
             digest = hashlib.sha256(artifact).hexdigest()
             await self.report(offer, "completed", metrics=metrics, artifact_size=len(artifact), artifact_sha256=digest)
             TRAINED.labels("completed").inc()
             log.info("trainer.completed", batch_id=str(offer.batch_id), attempt=offer.attempt, **metrics)
+            outcome: dict[str, Any] = {"metrics": metrics}
         except Exception as error:
             TRAINED.labels("failed").inc()
+            reason = f"{type(error).__name__}: {error}"[:2000]
             log.warning("trainer.failed", batch_id=str(offer.batch_id), error=repr(error))
             with contextlib.suppress(Exception):
-                await self.report(offer, "failed", reason=f"{type(error).__name__}: {error}"[:2000])
+                await self.report(offer, "failed", reason=reason)
+            outcome = {"failure": reason}
         finally:
             beats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beats
+        if run is not None:
+            await asyncio.to_thread(functools.partial(run.finish, **outcome))
+
+    def _work_dir(self) -> str | None:
+        if self.settings.work_dir is None:
+            return None
+        self.settings.work_dir.mkdir(parents=True, exist_ok=True)
+        return str(self.settings.work_dir)
 
     async def _heartbeat(self, offer: TrainingOffer) -> None:
         n = 0
@@ -178,13 +204,6 @@ def _next_version(offer: TrainingOffer) -> str:
     return f"trained-{offer.batch_id}-a{offer.attempt}"
 
 
-def _json(data: bytes) -> dict[str, Any]:
-    import json
-
-    value: dict[str, Any] = json.loads(data)
-    return value
-
-
 def _download(url: str, sha256: str | None) -> bytes:
     with urllib.request.urlopen(url, timeout=60) as response:
         body: bytes = response.read()
@@ -193,8 +212,8 @@ def _download(url: str, sha256: str | None) -> bytes:
     return body
 
 
-def _upload(url: str, body: bytes) -> None:
-    request = urllib.request.Request(url, data=body, method="PUT", headers={"Content-Type": "application/octet-stream"})
+def _upload(url: str, body: bytes, content_type: str) -> None:
+    request = urllib.request.Request(url, data=body, method="PUT", headers={"Content-Type": content_type})
     with urllib.request.urlopen(request, timeout=120) as response:
         if response.status not in (200, 204):
             raise OSError(f"artifact upload answered {response.status}")
