@@ -50,7 +50,7 @@ test-unit: install ## Only the tests that need no server
 lint: install ## ruff (lint + format check) and mypy
 	@$(RUN) ruff check .
 	@$(RUN) ruff format --check .
-	@$(RUN) mypy libs services/recorder/src services/archiver/src services/readiness/src services/trainer/src services/trainer-dispatcher/src
+	@$(RUN) mypy libs services/recorder/src services/archiver/src services/readiness/src services/trainer/src services/trainer-dispatcher/src services/deployer/src
 
 format: install ## Format and auto-fix
 	@$(RUN) ruff format .

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from faststream.nats import NatsBroker
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -160,6 +160,26 @@ class ModelTrained(PipelineEvent):
     metrics: dict[str, float] = Field(default_factory=dict)
     trainer_id: str
     attempt: int
+
+
+class DeploymentChanged(PipelineEvent):
+    """``pipeline.deployment.changed``: the routing of ``model_name`` changed (a deployment, a promotion,
+    a rollback, a pin). ``routing`` is the new table exactly as written to the ``routing`` KV bucket."""
+
+    model_name: str
+    deployment_id: uuid.UUID
+    action: Literal["deploy", "promote", "rollback", "pin", "unpin"]
+    #: ``operator:<who>`` for commands, ``deployer:auto`` for the evaluation rule and automatic rollouts.
+    actor: str
+    reason: str
+    revision: int
+    strategy: str
+    #: Version → weight before and after.
+    previous: dict[str, float] = Field(default_factory=dict)
+    current: dict[str, float] = Field(default_factory=dict)
+    routing: dict[str, Any] = Field(default_factory=dict)
+    #: The evaluation behind an automatic decision (per-arm statistics, test, p-values).
+    evaluation: dict[str, Any] | None = None
 
 
 class DeadLetter(PipelineEvent):

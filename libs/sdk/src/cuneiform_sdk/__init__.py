@@ -26,12 +26,14 @@ from .contract import (
     validate_event,
 )
 from .recorder import Recorder, TrajectoryRecording
+from .routing import Assignment, Routing, RoutingTable, assign
 from .subjects import agent_token, trajectory_subject
 from .sync import SyncRecorder
 
 __all__ = [
     "CONTRACT_VERSION",
     "Action",
+    "Assignment",
     "AssistantMessage",
     "ChatMessage",
     "ClaimCheck",
@@ -44,6 +46,8 @@ __all__ = [
     "ProviderAccess",
     "Recorder",
     "Reward",
+    "Routing",
+    "RoutingTable",
     "Step",
     "SyncRecorder",
     "ToolCall",
@@ -51,6 +55,7 @@ __all__ = [
     "TrajectoryRecording",
     "TrajectoryStarted",
     "agent_token",
+    "assign",
     "dump_event",
     "parse_event",
     "trajectory_subject",

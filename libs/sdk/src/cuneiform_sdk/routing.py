@@ -1,0 +1,320 @@
+"""Which model version an agent runs: the routing table, stable assignment, and a live client.
+
+The deployer writes one **routing table** per model name into the NATS KV bucket ``routing`` (key: the
+model name). A table is the current deployment: its arms (a version and a weight each, plus where its
+artifact is), and agents pinned to a version. An agent's arm is a pure function of the table and its
+id (:func:`assign`), so every process of the fleet — in any language — agrees on it without asking
+anyone, and an agent keeps its arm for the whole deployment:
+
+* the agent's **point** is ``sha256("<deployment_id>:<agent_id>")``, its first 8 bytes as a fraction of
+  2^64 — uniform over [0, 1), fixed for the deployment (a new deployment reshuffles, so one unlucky
+  cohort is not the canary of every rollout);
+* the arms cover [0, 1) in table order, each a slice as wide as its share of the weights; the agent runs
+  the arm its point falls in. The deployer lists challengers first, so raising a canary from 10 % to
+  50 % only adds agents to it: nobody already on the canary moves back;
+* a pinned agent runs its pinned version, whatever its point.
+
+:class:`Routing` watches the bucket (every change arrives within milliseconds; a rollback reaches the
+fleet in well under a second), keeps the tables in memory, and answers :meth:`Routing.model_for` with a
+``ModelRef`` (name, version, deployment id, variant) to pass to ``recorder.trajectory(model=...)`` —
+that is how every trajectory is stamped with the version and deployment it ran under.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from datetime import datetime
+from typing import Literal
+
+import nats
+from nats.aio.client import Client
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .contract import ModelRef
+
+log = logging.getLogger(__name__)
+
+ROUTING_BUCKET = "routing"
+ROUTING_VERSION = 1
+#: KV keys allow ``[-/_=.a-zA-Z0-9]``; a model name is a key.
+MODEL_NAME_PATTERN = r"^[-/_=.a-zA-Z0-9]{1,200}$"
+
+Variant = Literal["champion", "challenger", "pinned"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+
+class ArtifactRef(_Frozen):
+    """Where a version's weights are: an object in the deployment's bucket, with its checksum."""
+
+    bucket: str
+    key: str
+    sha256: str
+    size: int | None = None
+
+
+class Arm(_Frozen):
+    version: str = Field(min_length=1)
+    weight: float = Field(ge=0)
+    role: Literal["champion", "challenger"] = "champion"
+    artifact: ArtifactRef | None = None
+
+
+class RoutingTable(_Frozen):
+    """The value of key ``<model_name>`` in the ``routing`` bucket (JSON)."""
+
+    v: int = ROUTING_VERSION
+    model_name: str = Field(pattern=MODEL_NAME_PATTERN)
+    deployment_id: str
+    strategy: Literal["immediate", "canary", "ab"]
+    #: Grows with every change the deployer makes to this model's routing, across deployments.
+    revision: int = Field(ge=1)
+    arms: list[Arm] = Field(min_length=1)
+    pins: dict[str, str] = Field(default_factory=dict)
+    #: Artifacts of pinned versions that are not an arm.
+    artifacts: dict[str, ArtifactRef] = Field(default_factory=dict)
+    updated_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _positive_total(self) -> RoutingTable:
+        if sum(a.weight for a in self.arms) <= 0:
+            raise ValueError("a routing table needs at least one arm with a positive weight")
+        return self
+
+    def artifact(self, version: str) -> ArtifactRef | None:
+        for arm in self.arms:
+            if arm.version == version:
+                return arm.artifact
+        return self.artifacts.get(version)
+
+
+class Assignment(_Frozen):
+    model_name: str
+    version: str
+    deployment_id: str
+    variant: Variant
+    revision: int
+    artifact: ArtifactRef | None = None
+
+    def model_ref(self) -> ModelRef:
+        return ModelRef(
+            name=self.model_name, version=self.version, deployment_id=self.deployment_id, variant=self.variant
+        )
+
+
+def point(deployment_id: str, agent_id: str) -> float:
+    """The agent's fixed place in [0, 1) for this deployment."""
+    digest = hashlib.sha256(f"{deployment_id}:{agent_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign(table: RoutingTable, agent_id: str) -> Assignment:
+    """The arm ``agent_id`` runs under ``table`` (see the module docstring)."""
+    pinned = table.pins.get(agent_id)
+    if pinned is not None:
+        return Assignment(
+            model_name=table.model_name,
+            version=pinned,
+            deployment_id=table.deployment_id,
+            variant="pinned",
+            revision=table.revision,
+            artifact=table.artifact(pinned),
+        )
+    total = sum(a.weight for a in table.arms)
+    at = point(table.deployment_id, agent_id) * total
+    chosen = table.arms[-1]
+    edge = 0.0
+    for arm in table.arms:
+        edge += arm.weight
+        if at < edge and arm.weight > 0:
+            chosen = arm
+            break
+    if chosen.weight == 0:  # rounding at the very top of [0, total): the last arm with weight
+        chosen = next(a for a in reversed(table.arms) if a.weight > 0)
+    return Assignment(
+        model_name=table.model_name,
+        version=chosen.version,
+        deployment_id=table.deployment_id,
+        variant=chosen.role,
+        revision=table.revision,
+        artifact=chosen.artifact,
+    )
+
+
+def routing_bucket(prefix: str = "") -> str:
+    return f"{prefix}_{ROUTING_BUCKET}" if prefix else ROUTING_BUCKET
+
+
+class Routing:
+    """A live, in-memory copy of the ``routing`` bucket.
+
+    ``async with Routing() as routing: ref = routing.model_for("my-model", agent_id)``. ``start`` returns
+    once every current table is loaded (or the bucket does not exist yet: then it keeps looking, and
+    ``model_for`` answers with the bare name until a table appears). Changes are applied as they
+    arrive; ``on_change`` callbacks run for each (in the event loop; keep them quick).
+    """
+
+    def __init__(
+        self,
+        nats_url: str | None = None,
+        *,
+        prefix: str | None = None,
+        nc: Client | None = None,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self.nats_url = nats_url or os.environ.get("CUNEIFORM_NATS_URL", "nats://127.0.0.1:4222")
+        prefix = prefix if prefix is not None else os.environ.get("CUNEIFORM_NATS_PREFIX", "")
+        self.bucket = routing_bucket(prefix)
+        self._nc = nc
+        self._own_connection = nc is None
+        self._tables: dict[str, RoutingTable] = {}
+        self._callbacks: list[Callable[[str, RoutingTable | None], None]] = []
+        self._loaded = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._retry = retry_interval
+        #: Updates applied, and values that were not a valid table (kept out of the cache).
+        self.updates = 0
+        self.rejected = 0
+
+    # --- answers ------------------------------------------------------------------------------------------
+
+    def table(self, model_name: str) -> RoutingTable | None:
+        return self._tables.get(model_name)
+
+    def tables(self) -> dict[str, RoutingTable]:
+        return dict(self._tables)
+
+    def assignment(self, model_name: str, agent_id: str) -> Assignment | None:
+        table = self._tables.get(model_name)
+        return None if table is None else assign(table, agent_id)
+
+    def model_for(self, model_name: str, agent_id: str) -> ModelRef:
+        """What to stamp on ``agent_id``'s next trajectory: its assigned version and deployment, or just
+        the name while no deployment of ``model_name`` exists."""
+        found = self.assignment(model_name, agent_id)
+        return found.model_ref() if found is not None else ModelRef(name=model_name)
+
+    def on_change(self, callback: Callable[[str, RoutingTable | None], None]) -> None:
+        self._callbacks.append(callback)
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, RoutingTable]], bool], timeout: float | None = None
+    ) -> None:
+        """Until ``predicate(tables)`` holds (checked now and after every change)."""
+        changed = asyncio.Event()
+
+        def wake(_: str, __: RoutingTable | None) -> None:
+            changed.set()
+
+        self._callbacks.append(wake)
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(self.tables()):
+                    await changed.wait()
+                    changed.clear()
+        finally:
+            self._callbacks.remove(wake)
+
+    # --- life cycle ---------------------------------------------------------------------------------------
+
+    async def start(self, timeout: float | None = 10.0) -> None:
+        if self._nc is None:
+            self._nc = await nats.connect(
+                self.nats_url, name="cuneiform-sdk-routing", max_reconnect_attempts=-1, reconnect_time_wait=0.5
+            )
+        self._task = asyncio.create_task(self._watch(), name="cuneiform-routing-watch")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._loaded.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._own_connection and self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()
+
+    async def __aenter__(self) -> Routing:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _watch(self) -> None:
+        assert self._nc is not None
+        js = self._nc.jetstream()
+        while True:
+            try:
+                kv = await js.key_value(self.bucket)
+            except BucketNotFoundError:
+                self._loaded.set()  # nothing deployed yet: answer with bare names meanwhile
+                await asyncio.sleep(self._retry)
+                continue
+            except Exception as error:  # connection trouble: nats-py reconnects; look again shortly
+                log.warning("routing: cannot open bucket %s: %r", self.bucket, error)
+                await asyncio.sleep(self._retry)
+                continue
+            try:
+                await self._follow(kv)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("routing: watch of %s ended (%r); resuming", self.bucket, error)
+                await asyncio.sleep(self._retry)
+
+    async def _follow(self, kv: KeyValue) -> None:
+        # Latest value per key first (then a None marker), then every change as it happens.
+        watcher = await kv.watchall()
+        try:
+            seen: set[str] = set()
+            initial = True
+            async for entry in watcher:
+                if entry is None:
+                    if initial:
+                        # Tables deleted while we were not watching.
+                        for gone in set(self._tables) - seen:
+                            self._apply(gone, None)
+                        initial = False
+                        self._loaded.set()
+                    continue
+                seen.add(entry.key)
+                if entry.operation in ("DEL", "PURGE") or entry.value is None or not entry.value:
+                    self._apply(entry.key, None)
+                    continue
+                try:
+                    table = RoutingTable.model_validate_json(entry.value)
+                except ValidationError as error:
+                    self.rejected += 1
+                    log.warning("routing: key %s holds no valid routing table: %s", entry.key, error)
+                    continue
+                current = self._tables.get(entry.key)
+                if current is not None and current.revision > table.revision:
+                    continue  # never step back (revisions only grow, across deployments too)
+                self._apply(entry.key, table)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    def _apply(self, key: str, table: RoutingTable | None) -> None:
+        if table is None:
+            if self._tables.pop(key, None) is None:
+                return
+        else:
+            self._tables[key] = table
+        self.updates += 1
+        for callback in list(self._callbacks):
+            try:
+                callback(key, table)
+            except Exception:
+                log.exception("routing: on_change callback failed")
