@@ -89,15 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _upload(args: argparse.Namespace, connection: ConnectionSettings) -> dict[str, Any]:
-    source = str(args.source)
-    if source.startswith(("http://", "https://")):
-        print(f"downloading {source} …", file=sys.stderr)
-        body = await asyncio.to_thread(_download, source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"no file {path}: give a path to the artifact or an http(s) URL")
-        body = path.read_bytes()
+    body = await asyncio.to_thread(_read, str(args.source))
     key = f"models/{args.name}/manual/{args.version}/artifact"
     store = ObjectStore.from_settings(connection)
     print(f"uploading {len(body):,} bytes to s3://{store.bucket}/{key} …", file=sys.stderr)
@@ -113,10 +105,16 @@ async def _upload(args: argparse.Namespace, connection: ConnectionSettings) -> d
     }
 
 
-def _download(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=120) as response:
-        body: bytes = response.read()
-    return body
+def _read(source: str) -> bytes:
+    if source.startswith(("http://", "https://")):
+        print(f"downloading {source} …", file=sys.stderr)
+        with urllib.request.urlopen(source, timeout=120) as response:
+            body: bytes = response.read()
+        return body
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {path}: give a path to the artifact or an http(s) URL")
+    return path.read_bytes()
 
 
 def _request(args: argparse.Namespace) -> dict[str, Any]:
