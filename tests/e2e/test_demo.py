@@ -23,14 +23,17 @@ from cuneiform_core.storage import ObjectStore
 
 from tests.support import query, scalar
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 BIN = Path(sys.executable).parent
 # Enough episodes (12 GRPO groups of 3) for the trained policy to beat the start on held-out markets;
-# a fixed seed keeps the run reproducible (the loop is deterministic given the seed).
-AGENTS, EPISODES, STEPS, SEED = 6, 6, 8, 7
+# a fixed seed keeps the training reproducible (the loop is deterministic given the seed). 12 agents,
+# so that both arms of the A/B test get agents (the split is by a hash of agent and deployment id).
+AGENTS, EPISODES, GROUP_SIZE, STEPS, SEED = 12, 3, 3, 8, 7
 TRAJECTORIES = AGENTS * EPISODES
 EVENTS_PER_TRAJECTORY = 2 + 5 * STEPS
+#: The training episodes (the rollout's come after, each stamped with its version and deployment).
+LEARN = "t.metadata->>'phase' = 'learn'"
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -62,6 +65,8 @@ async def test_make_demo_records_a_fleet_end_to_end() -> None:
                 str(EPISODES),
                 "--seed",
                 str(SEED),
+                "--group-size",
+                str(GROUP_SIZE),
                 "--data-dir",
                 str(data_dir),
             ],
@@ -69,7 +74,7 @@ async def test_make_demo_records_a_fleet_end_to_end() -> None:
             cwd=folder,
             capture_output=True,
             text=True,
-            timeout=180,
+            timeout=250,
         )
         took = time.monotonic() - began
         output = f"--- stdout\n{run.stdout}\n--- stderr\n{run.stderr}"
@@ -87,6 +92,12 @@ async def test_make_demo_records_a_fleet_end_to_end() -> None:
         assert "trained and registered v2" in run.stdout, output
         held_out = re.search(r"mean reward ([+-][0-9.]+) \(v1\) → ([+-][0-9.]+) \(v2\)", run.stdout)
         assert held_out and float(held_out.group(2)) > float(held_out.group(1)), output
+        # ... then rolled out: the fleet's live rewards promote v2 and roll back a deliberately worse canary.
+        assert re.search(r"deployer \(deployer:auto\): v2 promoted: better: ", run.stdout), output
+        assert re.search(r"deployer \(deployer:auto\): v2-inverted rolled back: worse: ", run.stdout), output
+        assert "; promoted v2; rolled back v2-inverted." in run.stdout, output
+        by_version = dict(re.findall(r"^\s+(v2-inverted|v2|v1)\s+canary\s+\d+\s+([+-][0-9.]+)", run.stdout, re.M))
+        assert float(by_version["v2"]) > float(by_version["v2-inverted"]), output
         assert "Where to look" in run.stdout and "psql" in run.stdout, output
         assert (data_dir / "logs" / "recorder.log").is_file()
         print(f"cuneiform-demo took {took:.1f} s")
@@ -94,11 +105,37 @@ async def test_make_demo_records_a_fleet_end_to_end() -> None:
         # What the user would check in PostgreSQL, with the DSN from the env file the stack wrote.
         dsn = read_env_file(env_file)["CUNEIFORM_PG_DSN"]
         statuses = dict(await query(dsn, "SELECT status, count(*) FROM recorder.trajectories GROUP BY status"))
-        assert statuses == {"completed": TRAJECTORIES}
-        assert await scalar(dsn, "SELECT count(*) FROM recorder.events") == TRAJECTORIES * EVENTS_PER_TRAJECTORY
-        assert await scalar(dsn, "SELECT count(*) FROM recorder.llm_calls") == TRAJECTORIES * STEPS
-        assert await scalar(dsn, "SELECT count(*) FROM recorder.rewards") == TRAJECTORIES * STEPS
+        assert list(statuses) == ["completed"]
+        learn = await scalar(dsn, f"SELECT count(*) FROM recorder.trajectories t WHERE {LEARN}")
+        assert learn == TRAJECTORIES
+        for table, per_trajectory in (("events", EVENTS_PER_TRAJECTORY), ("llm_calls", STEPS), ("rewards", STEPS)):
+            count = await scalar(
+                dsn,
+                f"SELECT count(*) FROM recorder.{table} JOIN recorder.trajectories t USING (trajectory_id) WHERE {LEARN}",
+            )
+            assert count == TRAJECTORIES * per_trajectory, table
         assert await scalar(dsn, "SELECT count(*) FROM recorder.dead_letters") == 0
+        # Every rollout episode carries the version, the deployment and the arm it ran under.
+        arms = await query(
+            dsn,
+            """SELECT metadata->>'phase' AS phase, model_version, variant, count(*) AS n FROM recorder.trajectories
+               WHERE NOT (metadata->>'phase' = 'learn') GROUP BY 1, 2, 3""",
+        )
+        assert {(a["phase"], a["model_version"], a["variant"]) for a in arms} == {
+            ("rollout", "v1", "champion"),
+            ("rollout", "v2", "challenger"),
+            ("canary", "v2", "champion"),
+            ("canary", "v2-inverted", "challenger"),
+        }
+        assert await scalar(dsn, "SELECT count(*) FROM recorder.trajectories WHERE deployment_id IS NULL") == 0
+        decisions = await query(dsn, "SELECT action, actor FROM deployer.history ORDER BY seq")
+        assert [(d["action"], d["actor"]) for d in decisions] == [
+            ("deploy", "operator:demo"),  # v1 to everyone
+            ("deploy", "deployer:auto"),  # v2 A/B against v1, on pipeline.model.trained
+            ("promote", "deployer:auto"),
+            ("deploy", "operator:demo"),  # the worse canary
+            ("rollback", "deployer:auto"),
+        ]
         # Each trajectory is proven complete by its own count, and its total is the sum of its step rewards.
         mismatched = await scalar(
             dsn,
@@ -108,9 +145,11 @@ async def test_make_demo_records_a_fleet_end_to_end() -> None:
                                              WHERE r.trajectory_id = t.trajectory_id)) > 1e-6""",
         )
         assert mismatched == 0
-        # GRPO groups: 6 agents in groups of at most 4 make 2 groups of 3 per round, each sharing one market.
-        groups = await query(dsn, "SELECT scenario_id, count(*) AS n FROM recorder.trajectories GROUP BY scenario_id")
-        assert sorted(r["n"] for r in groups) == [3] * (2 * EPISODES)
+        # GRPO groups: 12 agents in groups of 3 make 4 groups per round, each sharing one market.
+        groups = await query(
+            dsn, f"SELECT scenario_id, count(*) AS n FROM recorder.trajectories t WHERE {LEARN} GROUP BY scenario_id"
+        )
+        assert sorted(r["n"] for r in groups) == [GROUP_SIZE] * (AGENTS // GROUP_SIZE * EPISODES)
         # The recorded decisions look like a tool-using LLM agent's.
         call = (await query(dsn, "SELECT messages, tools, response, model FROM recorder.llm_calls LIMIT 1"))[0]
         assert [m["role"] for m in call["messages"]] == ["system", "user"]
@@ -138,7 +177,7 @@ async def test_make_demo_records_a_fleet_end_to_end() -> None:
         archived = 0
         for key in segments:
             archived += json.loads(await store.get_bytes(key))["count"]
-        assert archived == TRAJECTORIES * EVENTS_PER_TRAJECTORY
+        assert archived == await scalar(dsn, "SELECT count(*) FROM recorder.events")
     finally:
         down = await asyncio.to_thread(
             subprocess.run,

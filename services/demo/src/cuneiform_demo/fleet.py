@@ -14,9 +14,10 @@ import math
 import random
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from cuneiform_sdk import Recorder
+from cuneiform_sdk import ModelRef, Recorder
 
 from .environment import DEFAULT_STEPS, SYMBOL, Episode, Scenario, make_scenario, scenario_seed
 from .policy import TabularPolicy, decide
@@ -35,6 +36,8 @@ class FleetPlan:
     steps: int = DEFAULT_STEPS
     #: Simulated thinking time per decision (seconds), so that agents interleave as real ones do.
     step_delay: float = 0.05
+    #: What the episodes are for (in each trajectory's metadata): ``learn`` (training data), ``rollout``.
+    phase: str = "learn"
 
     def __post_init__(self) -> None:
         if self.agents < 1 or self.episodes < 1 or self.steps < 1 or self.group_size < 1:
@@ -63,15 +66,29 @@ class FleetPlan:
 @dataclass
 class FleetResult:
     trajectory_ids: list[uuid.UUID] = field(default_factory=list)
-    #: Total reward of each trajectory, by scenario id.
+    #: Total reward of each trajectory, by scenario id, and by the model version that played it.
     rewards: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    by_version: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     started: int = 0
     ended: int = 0
     events: int = 0
     running_agents: int = 0
 
 
-async def run_fleet(recorder: Recorder, policy: TabularPolicy, plan: FleetPlan, result: FleetResult) -> FleetResult:
+#: Which policy an agent plays its next episode with, and the model reference to stamp on it (from routing).
+Chooser = Callable[[str], Awaitable[tuple[TabularPolicy, ModelRef]]]
+
+
+def fixed(policy: TabularPolicy) -> Chooser:
+    """Every agent plays ``policy``."""
+
+    async def choose(_: str) -> tuple[TabularPolicy, ModelRef]:
+        return policy, ModelRef(**policy.model)
+
+    return choose
+
+
+async def run_fleet(recorder: Recorder, choose: Chooser, plan: FleetPlan, result: FleetResult) -> FleetResult:
     """Play every agent's episodes concurrently; ``result`` fills in as they go (read it for progress)."""
 
     async def agent(index: int) -> None:
@@ -79,7 +96,7 @@ async def run_fleet(recorder: Recorder, policy: TabularPolicy, plan: FleetPlan, 
         result.running_agents += 1
         try:
             for episode_number in range(plan.episodes):
-                await play_episode(recorder, policy, plan, index, episode_number, rng, result)
+                await play_episode(recorder, choose, plan, index, episode_number, rng, result)
         finally:
             result.running_agents -= 1
 
@@ -89,7 +106,7 @@ async def run_fleet(recorder: Recorder, policy: TabularPolicy, plan: FleetPlan, 
 
 async def play_episode(
     recorder: Recorder,
-    policy: TabularPolicy,
+    choose: Chooser,
     plan: FleetPlan,
     agent: int,
     episode_number: int,
@@ -99,17 +116,20 @@ async def play_episode(
     scenario = plan.scenario(episode_number, agent)
     episode = Episode(scenario)
     agent_id = plan.agent_id(agent)
+    # Asked before every episode: a rollout or a rollback reaches the agent at its next episode.
+    policy, model = await choose(agent_id)
     async with recorder.trajectory(
         agent_id=agent_id,
         scenario_id=scenario.scenario_id,
         episode_id=f"{plan.run_id}:{agent_id}:{episode_number}",
-        model=policy.model,
+        model=model,
         environment=episode.state(),
         metadata={
             "run_id": plan.run_id,
             "source": "cuneiform-demo",
             "scenario_seed": scenario.seed,
             "episode": episode_number,
+            "phase": plan.phase,
             "policy": "tabular-softmax stand-in for an LLM",
         },
     ) as t:
@@ -145,5 +165,6 @@ async def play_episode(
             await asyncio.sleep(plan.step_delay * rng.uniform(0.5, 1.5))
         t.end("completed", total_reward=episode.total_reward, metrics=episode.metrics(), environment=episode.state())
     result.rewards[scenario.scenario_id].append(episode.total_reward)
+    result.by_version[model.version or "?"].append(episode.total_reward)
     result.events += 1
     result.ended += 1

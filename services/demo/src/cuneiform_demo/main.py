@@ -9,7 +9,12 @@
 6. the loop: the archiver holds every event in its S3 segments; readiness fires and freezes a batch; the
    archiver exports it (OpenPipe ART + OpenAI chat JSONL + manifest); the reference trainer trains the
    policy with GRPO on its CPU backend; the dispatcher verifies and registers the model; the trained
-   policy is checked on held-out markets — then say where to look.
+   policy is checked on held-out markets;
+7. the rollout: the deployer puts the new version in an A/B test against v1; the fleet keeps playing,
+   each agent under the version routing assigns it; the deployer promotes it (or rolls it back) on the
+   fleet's live rewards;
+8. a deliberately worse version goes out as a canary and is rolled back — then the reward by version,
+   and where to look.
 
 The agents' "LLM" is a tabular softmax policy, a stand-in for a real model (see ``policy``).
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import shlex
 import shutil
@@ -26,6 +32,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,19 +40,31 @@ from typing import Any
 import asyncpg
 from cuneiform_core.logging import configure_logging
 from cuneiform_core.storage import ObjectStore
-from cuneiform_sdk import Recorder
+from cuneiform_sdk import Recorder, Routing, RoutingTable
 from cuneiform_stack import LocalStack, StackEndpoints, StackError
 from cuneiform_stack.cli import DEFAULT_DATA_DIR
 
 from .console import Console, DemoError, shown
 from .environment import ACTIONS, TRENDS
-from .fleet import FleetPlan, FleetResult, run_fleet
+from .fleet import Chooser, FleetPlan, FleetResult, run_fleet
 from .policy import STAND_IN_NOTE, TabularPolicy, held_out_reward
 from .recorder_process import ServiceProcess, current_env, recorder_env
-from .report import SCHEMA, LoopOutcome, Summary, finalized_counts, loop_outcome, read_summary, stream_last_seq
+from .report import (
+    SCHEMA,
+    LoopOutcome,
+    Summary,
+    finalized_counts,
+    loop_outcome,
+    read_summary,
+    reward_by_version,
+    stream_last_seq,
+)
+from .rollout import MODEL_NAME, PolicyBook, ask, register
 
-SECTIONS = 6
-NEXT_ISSUES = "rolling the trained policy out to the fleet (canary, A/B on live reward, promote or roll back)"
+SECTIONS = 8
+NEXT_ISSUES = "the LLM judge (RULER-style scores beside the environment's reward) and the admin page"
+#: Trajectories per arm before the deployer tests (its production default is 30).
+DEMO_MIN_TRAJECTORIES = 20
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,12 +108,18 @@ class Demo:
         self.loop: dict[str, ServiceProcess] = {}
         self.outcome: LoopOutcome | None = None
         self.kept_pid: int | None = None
+        #: What the deployer decided in sections 7 and 8 (history entries), for the summary and the checks.
+        self.decisions: list[dict[str, Any]] = []
+        self.rounds = 0
+        self.delivered_events = 0
+        self.fleet_seconds = 0.0
 
     def run(self) -> int:
         c = self.console
         c.say(
             "Cuneiform demo, the whole loop: agents record every decision; readiness decides there is enough "
-            "good data; the archiver exports it; a trainer trains the policy with GRPO; the model is registered"
+            "good data; the archiver exports it; a trainer trains the policy with GRPO; the model is registered, "
+            "A/B-tested against the current one on the fleet's live rewards, and promoted or rolled back"
         )
         c.item(f"Note: {STAND_IN_NOTE}.")
         began = time.monotonic()
@@ -110,9 +135,12 @@ class Demo:
             c.say()
             model = self.outcome.model if self.outcome else None
             trained = f"; trained and registered {model['model_version']}" if model else ""
+            verbs = {"promote": "promoted", "rollback": "rolled back"}
+            decided = "".join(f"; {verbs[d['action']]} {d['version']}" for d in self.decisions)
             c.say(
                 f"Done in {time.monotonic() - began:.0f} s: {self.plan.trajectories} trajectories recorded by "
-                f"{self.plan.agents} agents, every event stored once, every trajectory proved complete{trained}."
+                f"{self.plan.agents} agents, every event stored once, every trajectory proved complete{trained}"
+                f"{decided}."
             )
         self.print_where_to_look(endpoints, recorder, stopped)
         if problems:
@@ -142,7 +170,9 @@ class Demo:
     # --- 2. the recorder -------------------------------------------------------------------------------
 
     def start_recorder(self, endpoints: StackEndpoints) -> ServiceProcess:
-        self.console.section(2, SECTIONS, "Services: recorder, archiver, readiness, trainer-dispatcher, trainer")
+        self.console.section(
+            2, SECTIONS, "Services: recorder, archiver, readiness, trainer-dispatcher, trainer, deployer"
+        )
         env = recorder_env(current_env(), endpoints.as_env(), self.stack.env_file)
         log_path = self.stack.log_dir / "recorder.log"
         self.recorder = ServiceProcess(env, log_path)
@@ -175,6 +205,14 @@ class Demo:
             },
             "trainer-dispatcher": {"CUNEIFORM_TRAINER_DISPATCHER_HEARTBEAT_TIMEOUT_S": "60"},
             "trainer": {"CUNEIFORM_TRAINER_HEARTBEAT_INTERVAL_S": "2"},
+            # A trained version goes straight into a 50/50 A/B test; decided on 20 episodes per arm.
+            "deployer": {
+                "CUNEIFORM_DEPLOYER_AUTO_ROLLOUT": "ab",
+                "CUNEIFORM_DEPLOYER_MIN_TRAJECTORIES": str(DEMO_MIN_TRAJECTORIES),
+                "CUNEIFORM_DEPLOYER_EVALUATE_INTERVAL_S": "1",
+                "CUNEIFORM_DEPLOYER_EVENT_DEBOUNCE_S": "0.5",
+                "CUNEIFORM_DEPLOYER_MAX_DURATION_S": str(int(self.args.wait_timeout)),
+            },
         }
 
     def finish_loop(self) -> None:
@@ -213,6 +251,12 @@ class Demo:
             await conn.close()
         self.print_summary(summary)
         self.outcome = await self.close_the_loop(endpoints, run_started)
+        # One training per demo run: readiness stops here, so the rollout's episodes start no second one.
+        self.loop.pop("readiness").stop()
+        self.console.item("readiness stopped: the rollout's episodes below are not meant to start a second training")
+        assert self.outcome.model is not None
+        await self.roll_out(endpoints, self.outcome.model["model_version"])
+        await self.print_rewards_by_version(endpoints)
         return summary
 
     async def close_the_loop(self, endpoints: StackEndpoints, run_started: datetime) -> LoopOutcome:
@@ -251,13 +295,7 @@ class Demo:
         )
         digest = m["artifact_sha256"][:16]
         c.item(f"registry: {m['model_name']} {m['model_version']} (sha256 {digest}…, attempt {m['attempt']})")
-        store = ObjectStore(
-            endpoints.s3_endpoint,
-            endpoints.s3_access_key,
-            endpoints.s3_secret_key,
-            m["bucket"],
-            region=endpoints.s3_region,
-        )
+        store = self.object_store(endpoints)
         trained = TabularPolicy.loads((await store.get_bytes(m["artifact_key"])).decode())
         outcome.before = held_out_reward(self.policy, episodes=400)
         outcome.after = held_out_reward(trained, episodes=400)
@@ -266,6 +304,143 @@ class Demo:
             f"({self.policy.version}) → {outcome.after:+.2f} ({m['model_version']})"
         )
         return outcome
+
+    # --- 7. and 8. rollouts decided on live reward ----------------------------------------------------------
+
+    async def roll_out(self, endpoints: StackEndpoints, version: str) -> None:
+        c = self.console
+        c.section(7, SECTIONS, f"Rollout: {version} against {self.policy.version}, decided on the fleet's live reward")
+        table = await self.wait_routing(
+            endpoints, lambda t: t.strategy == "ab" and version in {a.version for a in t.arms}, f"{version} in an A/B"
+        )
+        [model] = (await ask(endpoints.nats_url, "deployer", "models", {"model_name": MODEL_NAME, "version": version}))[
+            "models"
+        ]
+        c.item(
+            f"deployer: registered {version} from pipeline.model.trained (batch {model['batch_id']}, dataset "
+            f"{model['dataset_id']}, {model['trajectory_count']} trajectories, artifact sha256 "
+            f"{model['artifact_sha256'][:16]}…)"
+        )
+        c.item(f"deployer: A/B test {_weights(table)} (deployment {table.deployment_id}); agents keep their arm")
+        self.describe_rule()
+        first = await self.rounds_until_decided(endpoints, table.deployment_id, "rollout")
+        champion = first["version"] if first["action"] == "promote" else self.policy.version
+        c.section(8, SECTIONS, "A deliberately worse version: out as a canary, rolled back on live reward")
+        store = self.object_store(endpoints)
+        registered = await ask(
+            endpoints.nats_url, "deployer", "models", {"model_name": MODEL_NAME, "version": champion}
+        )
+        base = TabularPolicy.loads((await store.get_bytes(registered["models"][0]["artifact_key"])).decode())
+        worse = TabularPolicy(
+            logits={t: {a: -v for a, v in row.items()} for t, row in base.logits.items()},
+            name=MODEL_NAME,
+            version=f"{champion}-inverted",
+            temperature=base.temperature,
+        )
+        worse_reward, base_reward = held_out_reward(worse, episodes=400), held_out_reward(base, episodes=400)
+        c.item(
+            f"{worse.version}: {champion}'s preferences turned upside down (it sells into rising markets); "
+            f"held-out mean reward {worse_reward:+.2f} vs {base_reward:+.2f}"
+        )
+        await register(endpoints.nats_url, store, worse, worse.version, "a deliberately worse policy (demo)")
+        c.item(f"registered by hand: s3://cuneiform/models/{MODEL_NAME}/manual/{worse.version}/artifact")
+        deployed = await ask(
+            endpoints.nats_url,
+            "deployer",
+            "deploy",
+            {
+                "model_name": MODEL_NAME,
+                "version": worse.version,
+                "strategy": "canary",
+                "percent": 50,
+                "who": "demo",
+                "why": "show a rollback: a canary that earns less than the champion",
+            },
+        )
+        c.item(
+            f"deployed as a canary to 50 % of the agents (production default: 10 %), deployment "
+            f"{deployed['deployment_id']}"
+        )
+        await self.rounds_until_decided(endpoints, deployed["deployment_id"], "canary")
+
+    def describe_rule(self) -> None:
+        self.console.item(
+            f"the rule: once each arm has {DEMO_MIN_TRAJECTORIES} completed episodes, Welch's t-test on mean reward "
+            "(one-sided, alpha 0.05): better → promote, worse → roll back; failure rate over 20 % → roll back"
+        )
+
+    async def wait_routing(self, endpoints: StackEndpoints, predicate: Any, what: str) -> RoutingTable:
+        deadline = time.monotonic() + self.args.wait_timeout
+        async with Routing(endpoints.nats_url, prefix="") as routing:
+            while True:
+                table = routing.table(MODEL_NAME)
+                if table is not None and predicate(table):
+                    return table
+                self.check_alive(deadline, f"waiting for the deployer: {what}")
+                self.console.progress(f"  waiting for the deployer: {what}")
+                with contextlib.suppress(TimeoutError):
+                    await routing.wait_for(lambda _: True, timeout=0.25)
+
+    async def rounds_until_decided(self, endpoints: StackEndpoints, deployment_id: str, phase: str) -> dict[str, Any]:
+        """Rounds of one episode per agent until the deployer ends the experiment; its decision."""
+        c = self.console
+        deadline = time.monotonic() + self.args.wait_timeout
+        conn = await self.connect(endpoints.pg_dsn)
+        try:
+            for number in range(1, 51):
+                self.rounds += 1
+                plan = replace(self.plan, episodes=1, seed=self.seed * 1000 + self.rounds, phase=phase)
+                result = await self.play(endpoints, plan, f"  round {number}: ")
+                while not await self.all_finalized(conn, result.trajectory_ids):
+                    self.check_alive(deadline, f"round {number}: waiting for the recorder")
+                    await asyncio.sleep(0.1)
+                # The deployer evaluates after completions (debounced): give it a moment to act.
+                for _ in range(40):
+                    state = await ask(endpoints.nats_url, "deployer", "deployment", {"deployment_id": deployment_id})
+                    verdicts = state.get("verdicts") or []
+                    if state["status"] != "active" or all(v["action"] == "continue" for v in verdicts):
+                        break
+                    await asyncio.sleep(0.25)
+                if state["status"] != "active":
+                    c.item(f"round {number}: {_round_line(result)}")
+                    return await self.decided(endpoints, state)
+                reason = verdicts[0]["reason"] if verdicts else "no verdict yet"
+                c.item(f"round {number}: {_round_line(result)} · deployer: {reason}")
+                self.check_alive(deadline, f"the experiment {deployment_id} is still undecided")
+        finally:
+            await conn.close()
+        raise DemoError(f"the deployer did not decide experiment {deployment_id} within 50 rounds")
+
+    async def decided(self, endpoints: StackEndpoints, state: dict[str, Any]) -> dict[str, str]:
+        """Show how an experiment ended and the routing that follows; remember it for the summary."""
+        decision = state["decision"] or {}
+        [challenger] = state["challengers"] or ["?"]
+        verb = {"promoted": "promoted", "rolled_back": "rolled back"}.get(state["status"], state["status"])
+        self.console.item(f"deployer ({decision.get('actor', '?')}): {challenger} {verb}: {decision.get('reason', '')}")
+        ended = state["deployment_id"]
+        routed = await self.wait_routing(endpoints, lambda t: t.deployment_id != ended, "the new routing")
+        self.console.item(f"routing now: {_weights(routed)} — each agent follows at its next episode")
+        done = {"action": "promote" if state["status"] == "promoted" else "rollback", "version": challenger}
+        self.decisions.append(done)
+        return done
+
+    @staticmethod
+    async def all_finalized(conn: asyncpg.Connection, ids: list[uuid.UUID]) -> bool:
+        counts = await finalized_counts(conn, ids)
+        return sum(counts.values()) == len(ids) and not counts.get("recording")
+
+    async def print_rewards_by_version(self, endpoints: StackEndpoints) -> None:
+        c = self.console
+        conn = await self.connect(endpoints.pg_dsn)
+        try:
+            rows = await reward_by_version(conn, self.run_id)
+        finally:
+            await conn.close()
+        c.say()
+        c.say("Reward by version in this run (from the recorder: each trajectory carries the version it ran)")
+        c.item(f"    {'version':<22}{'phase':<10}{'episodes':>9}{'mean':>9}{'std':>8}")
+        for r in rows:
+            c.item(f"    {r['version']:<22}{r['phase']:<10}{r['episodes']:>9}{r['mean']:>+9.2f}{r['std']:>8.2f}")
 
     def check_alive(self, deadline: float, where: str) -> None:
         for name, process in self.loop.items():
@@ -290,24 +465,67 @@ class Demo:
         c.item(f"{groups} per round: the agents of a group trade the same market (a GRPO group)")
         c.item(f"seed {self.seed} (repeat this run's markets and choices with --seed {self.seed})")
         c.item(f"policy {self.policy.name} {self.policy.version}: " + self.describe_policy())
+        # Every run starts from the untrained policy: registered by hand (idempotent) and deployed to all.
+        store = self.object_store(endpoints)
+        await register(endpoints.nats_url, store, self.policy, self.policy.version, "the untrained policy")
+        deployed = await ask(
+            endpoints.nats_url,
+            "deployer",
+            "deploy",
+            {
+                "model_name": MODEL_NAME,
+                "version": self.policy.version,
+                "strategy": "immediate",
+                "who": "demo",
+                "why": f"run {self.run_id} starts from the untrained policy",
+            },
+        )
+        c.item(
+            f"deployer: {MODEL_NAME} {self.policy.version} routed to every agent (deployment "
+            f"{deployed['deployment_id']}, routing revision {deployed['revision']}); each agent asks the SDK's "
+            "routing client which version to run before every episode"
+        )
         c.item(f"run id {self.run_id} (in each trajectory's metadata)")
+        result = await self.play(endpoints, plan)
+        c.item(
+            f"{result.ended} trajectories recorded, {self.delivered_events:,} events acknowledged by the stream "
+            f"in {self.fleet_seconds:.1f} s"
+        )
+        return result
+
+    def object_store(self, endpoints: StackEndpoints) -> ObjectStore:
+        return ObjectStore(
+            endpoints.s3_endpoint,
+            endpoints.s3_access_key,
+            endpoints.s3_secret_key,
+            "cuneiform",
+            region=endpoints.s3_region,
+        )
+
+    async def play(self, endpoints: StackEndpoints, plan: FleetPlan, label: str = "") -> FleetResult:
+        """Run ``plan`` with every agent under its routed version; show progress; deliver every event."""
+        c = self.console
         result = FleetResult()
         outbox = self.stack.data_dir / "demo-outbox"
         sdk = Recorder(endpoints.nats_url, prefix="", outbox_dir=outbox)
+        routing = Routing(endpoints.nats_url, prefix="")
         began = time.monotonic()
         await sdk.start()
-        fleet = asyncio.create_task(run_fleet(sdk, self.policy, plan, result))
+        await routing.start()
+        choose: Chooser = PolicyBook(routing, self.object_store(endpoints), self.policy).choose
+        fleet = asyncio.create_task(run_fleet(sdk, choose, plan, result))
         try:
             while not fleet.done():
-                c.progress(self.fleet_line(result, sdk, began))
+                c.progress(label + self.fleet_line(result, sdk, began, plan))
                 await asyncio.wait([fleet], timeout=0.1)
             fleet.result()
-            delivered = await self.deliver(sdk, result, began)
+            delivered = await self.deliver(sdk, result, began, plan)
         finally:
             # Interrupted: the agents end their open trajectories as aborted before the SDK closes;
             # what it cannot deliver in time waits in its outbox for the next run.
             fleet.cancel()
             await asyncio.gather(fleet, return_exceptions=True)
+            await routing.close()
             await sdk.close()
         if not delivered:
             raise DemoError(
@@ -315,24 +533,22 @@ class Demo:
                 f"{self.args.wait_timeout:.0f} s; they wait in {shown(outbox)} and go out on the next run. "
                 f"Is nats-server healthy? (`{self.stack_command('status')}`)"
             )
-        c.item(
-            f"{result.ended} trajectories recorded, {sdk.stats.acked:,} events acknowledged by the stream "
-            f"in {time.monotonic() - began:.1f} s"
-        )
+        self.delivered_events = sdk.stats.acked
+        self.fleet_seconds = time.monotonic() - began
         return result
 
-    async def deliver(self, sdk: Recorder, result: FleetResult, began: float) -> bool:
+    async def deliver(self, sdk: Recorder, result: FleetResult, began: float, plan: FleetPlan) -> bool:
         deadline = time.monotonic() + self.args.wait_timeout
         while time.monotonic() < deadline:
             if await sdk.flush(0.1):
                 return True
-            self.console.progress(self.fleet_line(result, sdk, began))
+            self.console.progress(self.fleet_line(result, sdk, began, plan))
         return False
 
-    def fleet_line(self, result: FleetResult, sdk: Recorder, began: float) -> str:
+    def fleet_line(self, result: FleetResult, sdk: Recorder, began: float, plan: FleetPlan) -> str:
         replayed = f" ({sdk.stats.replayed:,} of them left by an earlier run)" if sdk.stats.replayed else ""
         return (
-            f"{result.ended}/{self.plan.trajectories} trajectories recorded · {result.running_agents} agents playing · "
+            f"{result.ended}/{plan.trajectories} trajectories recorded · {result.running_agents} agents playing · "
             f"{sdk.stats.submitted:,} events · {sdk.stats.acked:,} acked by the stream{replayed} · "
             f"{time.monotonic() - began:.1f} s"
         )
@@ -466,6 +682,20 @@ class Demo:
         if self.args.data_dir == DEFAULT_DATA_DIR:
             return f"make stack-{command}"
         return self.stack_command(command)
+
+
+def _weights(table: RoutingTable) -> str:
+    shares: dict[str, float] = {}
+    for arm in table.arms:
+        shares[arm.version] = shares.get(arm.version, 0.0) + arm.weight
+    return " / ".join(f"{v} {w:.0%}" for v, w in shares.items())
+
+
+def _round_line(result: FleetResult) -> str:
+    parts = []
+    for version, rewards in sorted(result.by_version.items()):
+        parts.append(f"{version} {len(rewards)} episodes, mean {sum(rewards) / len(rewards):+.2f}")
+    return " · ".join(parts)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -177,3 +177,20 @@ async def loop_outcome(conn: asyncpg.Connection, since: datetime) -> LoopOutcome
     )
     out.model = await _row(conn, "SELECT * FROM trainer_dispatcher.models WHERE batch_id = $1", out.batch["batch_id"])
     return out
+
+
+async def reward_by_version(conn: asyncpg.Connection, run_id: str) -> list[dict[str, Any]]:
+    """This run's finished trajectories by the model version they ran under (and the demo phase)."""
+    rows = await conn.fetch(
+        f"""SELECT model_version AS version, metadata->>'phase' AS phase, count(*) AS episodes,
+                   avg(total_reward) AS mean, coalesce(stddev_samp(total_reward), 0) AS std,
+                   min(first_seen_at) AS first
+            FROM {SCHEMA}.trajectories WHERE metadata->>'run_id' = $1 AND status = 'completed'
+            GROUP BY 1, 2 ORDER BY first""",
+        run_id,
+    )
+    return [
+        {"version": r["version"] or "?", "phase": r["phase"] or "", "episodes": r["episodes"],
+         "mean": float(r["mean"] or 0.0), "std": float(r["std"] or 0.0)}
+        for r in rows
+    ]  # fmt: skip

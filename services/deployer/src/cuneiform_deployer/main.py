@@ -104,7 +104,7 @@ class Deployer:
         self.service.every(settings.evaluate_interval_s, "evaluate")(self._scheduled)
         self.service.every(settings.event_debounce_s, "evaluate-after-events")(self._after_events)
         self.service.every(settings.sweep_interval_s, "sweep")(self.flush)
-        for verb in ("register", "deploy", "promote", "rollback", "pin", "status", "models", "history"):
+        for verb in ("register", "deploy", "promote", "rollback", "pin", "status", "models", "history", "deployment"):
             self.service.command(verb)(getattr(self, f"cmd_{verb}"))
 
     # --- registry ------------------------------------------------------------------------------------------
@@ -263,7 +263,8 @@ class Deployer:
                 version = challengers[0]
             await self._require_registered(conn, model_name, [version])
             if current is not None and current["strategy"] != "immediate":
-                await _end(conn, current, "promoted", {"promoted": version, "reason": reason, **(evaluation or {})})
+                await _end(conn, current, "promoted", {"promoted": version, "actor": actor, "reason": reason,
+                                                       "evaluation": evaluation})  # fmt: skip
             return await self._new_deployment(
                 conn, model_name, "immediate", [_arm(version, 1.0, "champion")], version, "promote", actor, reason,
                 evaluation,
@@ -297,7 +298,8 @@ class Deployer:
                         raise DeployError(f"{model_name} has no earlier version to roll back to; name one")
             await self._require_registered(conn, model_name, [target])
             if current["strategy"] != "immediate":
-                await _end(conn, current, "rolled_back", {"kept": target, "reason": reason, **(evaluation or {})})
+                await _end(conn, current, "rolled_back", {"kept": target, "actor": actor, "reason": reason,
+                                                          "evaluation": evaluation})  # fmt: skip
             else:
                 await _end(conn, current, "superseded", None)
             return await self._new_deployment(
@@ -693,6 +695,20 @@ class Deployer:
                     }
                 answer[model_name] = entry
         return {"models": answer, "rule": self.rule.__dict__}
+
+    async def cmd_deployment(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One deployment: ``{"deployment_id"}`` → its arms, state, the decision that ended it, or (while it
+        runs) the current verdicts."""
+        deployment_id = uuid.UUID(str(request.get("deployment_id")))
+        async with self.service.pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM deployer.deployments WHERE deployment_id = $1", deployment_id)
+        if row is None:
+            raise DeployError(f"no deployment {deployment_id}")
+        answer = {k: _plain(v) for k, v in dict(row).items() if k not in ("arms", "decision")}
+        answer.update(arms=row["arms"], decision=row["decision"], challengers=_challengers(row))
+        if row["status"] == "active" and row["strategy"] != "immediate":
+            answer["verdicts"] = [v.as_dict() for v in await self.judge(row)]
+        return answer
 
     async def cmd_models(self, request: dict[str, Any]) -> dict[str, Any]:
         """The registry: ``{"model_name"?, "version"?}``; with a version, its trajectory ids too."""
