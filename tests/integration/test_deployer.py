@@ -22,6 +22,7 @@ from cuneiform_core.settings import ConnectionSettings
 from cuneiform_core.storage import ObjectStore
 from cuneiform_core.topology import (
     DEPLOYMENT_CHANGED,
+    DLQ,
     MODEL_TRAINED,
     PIPELINE,
     ROUTING_BUCKET,
@@ -90,7 +91,7 @@ async def announce_trained(
     trajectories = sorted(str(uuid.uuid4()) for _ in range(3))
     await store.put_bytes(f"datasets/{dataset_id}/manifest.json", json.dumps({"trajectory_ids": trajectories}).encode())
     key = f"models/{MODEL}/batches/{batch_id}/attempt-1/artifact"
-    body = json.dumps({"policy": version}).encode()
+    body = json.dumps({"policy": version, "trained_on": str(batch_id)}).encode()
     await store.put_bytes(key, body)
     event = ModelTrained(
         event_id=uuid.uuid4(),
@@ -357,3 +358,38 @@ async def test_manual_rollback_reaches_a_running_client_within_seconds(
         assert json.loads((await kv.get(MODEL)).value or b"{}")["arms"][0]["version"] == "v1"
     finally:
         await nc.close()
+
+
+async def test_bad_announcements_are_dead_lettered_and_the_stream_goes_on(
+    connection: ConnectionSettings, js: JetStreamContext, topology: Topology, services: list[Service]
+) -> None:
+    await start_deployer(connection, services, auto_rollout="immediate")
+    subject = topology.subject(MODEL_TRAINED)
+    # Not JSON; the wrong types; a version name already taken by another artifact (registered by hand).
+    await register(connection, "v2")
+    await js.publish(subject, b"{not json", headers={"Nats-Msg-Id": "bad-1"})
+    await js.publish(
+        subject, json.dumps({"model_name": MODEL, "model_version": 2}).encode(), headers={"Nats-Msg-Id": "bad-2"}
+    )
+    clash = await announce_trained(js, topology, connection, "v2")
+    # ... and a good one after them, which still goes through and out to every agent (no champion yet).
+    await announce_trained(js, topology, connection, "v3")
+
+    async def letters() -> list[dict[str, Any]]:
+        return await stream_messages(js, topology.stream(DLQ), topology.subject("dlq.deployer"))
+
+    async def all_dead_lettered() -> bool:
+        return len(await letters()) == 4  # the clash is announced twice (as a redelivery would)
+
+    await eventually(all_dead_lettered, timeout=15, what="four dead letters from the deployer")
+    reasons = [letter["reason"] for letter in await letters()]
+    assert "Invalid JSON" in reasons[0] and "model_version: Input should be a valid string" in reasons[1]
+    assert all("v2 is already registered with another artifact" in r for r in reasons[2:])
+
+    async def v3_routed() -> bool:
+        rows = await query(connection.pg_dsn, "SELECT routing FROM deployer.routing WHERE model_name = $1", MODEL)
+        return bool(rows) and rows[0]["routing"]["arms"][0]["version"] == "v3"
+
+    await eventually(v3_routed, timeout=15, what="v3 registered and deployed despite the bad messages before it")
+    [v2] = (await ask(connection, "models", {"model_name": MODEL, "version": "v2"}))["models"]
+    assert v2["source"] == "manual" and v2["artifact_sha256"] != clash.artifact_sha256

@@ -109,8 +109,12 @@ class Deployer:
 
     # --- registry ------------------------------------------------------------------------------------------
 
-    async def models_trained(self, events: Sequence[ModelTrained]) -> None:
-        for event in events:
+    async def models_trained(self, events: Sequence[ModelTrained]) -> dict[int, str]:
+        """Register each announced version (once), then roll it out as ``auto_rollout`` says — unless it
+        was ever deployed, so that a redelivery after a crash between the two finishes the job exactly once.
+        A version name already registered with another artifact is rejected (dead-lettered with the reason)."""
+        rejected: dict[int, str] = {}
+        for index, event in enumerate(events):
             trajectory_ids = await self._dataset_trajectories(event.dataset_id)
             async with self.service.pool.acquire() as conn:
                 added = await conn.fetchval(
@@ -135,11 +139,31 @@ class Deployer:
                     event.attempt,
                     f"trained on batch {event.batch_id}",
                 )
-            if added is None:
-                continue  # a redelivery: registered (and rolled out) the first time
-            REGISTERED.labels("trained").inc()
-            log.info("deployer.registered", model=event.model_name, version=event.model_version, source="trained")
-            await self.auto_rollout(event.model_name, event.model_version)
+                if added is None:
+                    existing = await conn.fetchval(
+                        "SELECT artifact_sha256 FROM deployer.models WHERE model_name = $1 AND model_version = $2",
+                        event.model_name,
+                        event.model_version,
+                    )
+                    if existing != event.artifact_sha256:
+                        rejected[index] = (
+                            f"{event.model_name} {event.model_version} is already registered with another artifact "
+                            f"(sha256 {existing}); a version registered by hand must not take a name the "
+                            "trainer-dispatcher gives trained versions (v2, v3, …)"
+                        )
+                        log.error("deployer.version_conflict", model=event.model_name, version=event.model_version)
+                        continue
+                deployed = await conn.fetchval(
+                    "SELECT 1 FROM deployer.deployments WHERE model_name = $1 AND arms @> $2::jsonb",
+                    event.model_name,
+                    [{"version": event.model_version}],
+                )
+            if added is not None:
+                REGISTERED.labels("trained").inc()
+                log.info("deployer.registered", model=event.model_name, version=event.model_version, source="trained")
+            if not deployed:
+                await self.auto_rollout(event.model_name, event.model_version)
+        return rejected
 
     async def _dataset_trajectories(self, dataset_id: uuid.UUID) -> list[uuid.UUID]:
         try:
@@ -158,7 +182,10 @@ class Deployer:
             has_champion = await conn.fetchval("SELECT 1 FROM deployer.routing WHERE model_name = $1", model_name)
         strategy = mode if has_champion else "immediate"
         reason = f"new trained version {version} (auto rollout: {strategy})"
-        await self.deploy(model_name, [version], strategy, actor="deployer:auto", reason=reason)
+        try:
+            await self.deploy(model_name, [version], strategy, actor="deployer:auto", reason=reason)
+        except DeployError as error:  # registered all the same; an operator can deploy it by hand
+            log.warning("deployer.auto_rollout_refused", model=model_name, version=version, error=str(error))
 
     async def register_manual(self, request: dict[str, Any]) -> dict[str, Any]:
         model_name = _checked(request.get("model_name"), MODEL_NAME_PATTERN, "model_name")
