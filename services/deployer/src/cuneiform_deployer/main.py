@@ -812,8 +812,21 @@ async def arm_stats(
     conn: asyncpg.Connection, model_name: str, *, deployment_id: uuid.UUID | None = None
 ) -> dict[str, ArmStats]:
     """Completed / failed counts and reward mean and spread per version: of one deployment's randomized
-    arms (pinned agents left out), or of every trajectory of the model."""
-    rows = await conn.fetch(
+    arms (pinned agents left out), or of every trajectory of the model. Nothing while the recorder's
+    tables do not exist yet (an experiment then keeps collecting)."""
+    try:
+        rows = await _arm_rows(conn, model_name, deployment_id)
+    except asyncpg.UndefinedTableError:
+        log.warning("deployer.no_recorder_tables", hint="start cuneiform-recorder: rewards are read from its tables")
+        return {}
+    return {
+        r["version"]: ArmStats(r["version"], r["completed"], r["failed"], float(r["mean"] or 0), float(r["std"] or 0))
+        for r in rows
+    }
+
+
+async def _arm_rows(conn: asyncpg.Connection, model_name: str, deployment_id: uuid.UUID | None) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
         f"""SELECT t.model_version AS version,
                    count(*) FILTER (WHERE t.status = 'completed') AS completed,
                    count(*) FILTER (WHERE t.status = 'failed') AS failed,
@@ -826,12 +839,7 @@ async def arm_stats(
         model_name,
         str(deployment_id) if deployment_id is not None else None,
     )
-    return {
-        r["version"]: ArmStats(
-            r["version"], r["completed"], r["failed"], float(r["mean"] or 0.0), float(r["std"] or 0.0)
-        )
-        for r in rows
-    }
+    return rows
 
 
 async def _active(conn: asyncpg.Connection, model_name: str) -> asyncpg.Record | None:
