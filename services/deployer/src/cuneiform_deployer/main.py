@@ -595,6 +595,8 @@ class Deployer:
                     "SELECT * FROM deployer.deployments WHERE status = 'active' AND strategy <> 'immediate'"
                 )
             EXPERIMENTS.set(len(running))
+            for gauge in (ARM_TRAJECTORIES, ARM_REWARD, ARM_FAILURE):
+                gauge.clear()  # arms of ended experiments disappear from the dashboard
             results = []
             for deployment in running:
                 verdicts = await self.judge(deployment)
