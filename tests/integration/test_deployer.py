@@ -34,7 +34,7 @@ from cuneiform_deployer.settings import DeployerSettings
 from cuneiform_recorder.main import build as build_recorder
 from cuneiform_recorder.settings import RecorderSettings
 from cuneiform_sdk import Recorder
-from cuneiform_sdk.routing import Routing
+from cuneiform_sdk.routing import Routing, SyncRouting
 from nats.js import JetStreamContext
 
 from tests.faults.test_recorder_faults import stream_messages
@@ -393,3 +393,26 @@ async def test_bad_announcements_are_dead_lettered_and_the_stream_goes_on(
     await eventually(v3_routed, timeout=15, what="v3 registered and deployed despite the bad messages before it")
     [v2] = (await ask(connection, "models", {"model_name": MODEL, "version": "v2"}))["models"]
     assert v2["source"] == "manual" and v2["artifact_sha256"] != clash.artifact_sha256
+
+
+async def test_a_purged_routing_table_is_written_again_and_sync_agents_follow(
+    connection: ConnectionSettings, services: list[Service]
+) -> None:
+    await start_deployer(connection, services, auto_rollout="off", reconcile_interval_s=0.3)
+    await register(connection, "v1")
+    await ask(connection, "deploy", {"model_name": MODEL, "version": "v1", "who": "ops", "why": "baseline"})
+    with SyncRouting(connection.nats_url, prefix=connection.nats_prefix) as routing:  # a thread-based agent
+        assert routing.model_for(MODEL, "agent-1").version == "v1"
+        nc = await nats.connect(connection.nats_url)
+        try:
+            kv = await nc.jetstream().key_value(Topology(connection.nats_prefix).bucket(ROUTING_BUCKET))
+            await kv.purge(MODEL)  # someone wipes the key: agents fall back to the bare name ...
+
+            async def restored() -> bool:
+                return routing.model_for(MODEL, "agent-1").version == "v1"
+
+            assert routing.table(MODEL) is None or await restored()
+            await eventually(restored, timeout=10, what="the deployer writing the routing table again")
+            assert json.loads((await kv.get(MODEL)).value or b"{}")["revision"] == 1
+        finally:
+            await nc.close()

@@ -26,7 +26,7 @@ from .contract import (
     validate_event,
 )
 from .recorder import Recorder, TrajectoryRecording
-from .routing import Assignment, Routing, RoutingTable, assign
+from .routing import Assignment, Routing, RoutingTable, SyncRouting, assign
 from .subjects import agent_token, trajectory_subject
 from .sync import SyncRecorder
 
@@ -50,6 +50,7 @@ __all__ = [
     "RoutingTable",
     "Step",
     "SyncRecorder",
+    "SyncRouting",
     "ToolCall",
     "TrajectoryEnded",
     "TrajectoryRecording",

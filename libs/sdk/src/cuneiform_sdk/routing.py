@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Literal
@@ -318,3 +319,55 @@ class Routing:
                 callback(key, table)
             except Exception:
                 log.exception("routing: on_change callback failed")
+
+
+class SyncRouting:
+    """:class:`Routing` for synchronous agents: the watch runs on a background thread, and the answers
+    (``model_for``, ``assignment``, ``table``) are plain in-memory reads, safe from any thread.
+
+    ``with SyncRouting() as routing: ref = routing.model_for("my-model", agent_id)``
+    """
+
+    def __init__(self, nats_url: str | None = None, **options: object) -> None:
+        self._nats_url = nats_url
+        self._options = options
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cuneiform-routing", daemon=True)
+        self._routing: Routing | None = None
+
+    def start(self, timeout: float = 10.0) -> SyncRouting:
+        if self._routing is None:
+            self._thread.start()
+            routing = Routing(self._nats_url, **self._options)  # type: ignore[arg-type]
+            asyncio.run_coroutine_threadsafe(routing.start(timeout), self._loop).result(timeout + 5)
+            self._routing = routing
+        return self
+
+    @property
+    def routing(self) -> Routing:
+        if self._routing is None:
+            raise RuntimeError("SyncRouting not started: use `with SyncRouting() as routing:` or .start()")
+        return self._routing
+
+    def table(self, model_name: str) -> RoutingTable | None:
+        return self.routing.table(model_name)
+
+    def assignment(self, model_name: str, agent_id: str) -> Assignment | None:
+        return self.routing.assignment(model_name, agent_id)
+
+    def model_for(self, model_name: str, agent_id: str) -> ModelRef:
+        return self.routing.model_for(model_name, agent_id)
+
+    def close(self) -> None:
+        if self._routing is not None:
+            asyncio.run_coroutine_threadsafe(self._routing.close(), self._loop).result(10)
+            self._routing = None
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+    def __enter__(self) -> SyncRouting:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

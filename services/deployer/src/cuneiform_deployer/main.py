@@ -104,6 +104,7 @@ class Deployer:
         self.service.every(settings.evaluate_interval_s, "evaluate")(self._scheduled)
         self.service.every(settings.event_debounce_s, "evaluate-after-events")(self._after_events)
         self.service.every(settings.sweep_interval_s, "sweep")(self.flush)
+        self.service.every(settings.reconcile_interval_s, "reconcile")(self.reconcile)
         for verb in ("register", "deploy", "promote", "rollback", "pin", "status", "models", "history", "deployment"):
             self.service.command(verb)(getattr(self, f"cmd_{verb}"))
 
@@ -550,6 +551,28 @@ class Deployer:
                     self.service.broker, topology.subject(DEPLOYMENT_CHANGED), event, stream=topology.stream(PIPELINE)
                 )
                 await conn.execute("UPDATE deployer.history SET published_at = now() WHERE seq = $1", change["seq"])
+
+    async def reconcile(self) -> None:
+        """A table missing from the bucket or older there than here (the key purged, the bucket recreated
+        by hand) is written again: the bucket is a copy, PostgreSQL is the record."""
+        kv = await self.service.broker.connection.jetstream().key_value(self.service.topology.bucket(ROUTING_BUCKET))
+        async with self.service.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT model_name, revision FROM deployer.routing WHERE written_revision >= revision"
+            )
+            for row in rows:
+                try:
+                    entry = await kv.get(row["model_name"])
+                    there = json.loads(entry.value or b"{}").get("revision", 0)
+                except KeyNotFoundError:
+                    there = 0
+                if there < row["revision"]:
+                    log.warning("deployer.routing_missing", model=row["model_name"], kv_revision=there,
+                                revision=row["revision"])  # fmt: skip
+                    await conn.execute(
+                        "UPDATE deployer.routing SET written_revision = 0 WHERE model_name = $1", row["model_name"]
+                    )
+        await self.flush()
 
     async def _put_routing(self, model_name: str, revision: int, document: str) -> None:
         kv = await self.service.broker.connection.jetstream().key_value(self.service.topology.bucket(ROUTING_BUCKET))

@@ -34,6 +34,8 @@ class DeployerSettings(ServiceSettings):
     event_debounce_s: float = Field(default=2.0, gt=0)
     #: Re-write routing tables and re-publish history events a crash left undone.
     sweep_interval_s: float = Field(default=5.0, gt=0)
+    #: Check that the bucket still holds every table (a purged key is written again) this often.
+    reconcile_interval_s: float = Field(default=30.0, gt=0)
     pool_size: int = Field(default=4, ge=2)
 
     def rule(self) -> Rule:
