@@ -11,7 +11,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_LINK_MODE := copy
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo stack-up stack-down stack-status test test-unit lint format schema bench bench-datasets up down clean
+.PHONY: help install demo stack-up stack-down stack-status test test-unit lint format schema bench bench-datasets bench-routing up down clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -64,6 +64,9 @@ bench: install ## Recorder + archiver benchmark: drain rates vs. ceilings and a 
 
 bench-datasets: install ## Dataset export benchmark: 10,000 trajectories x 10 steps vs. raw read + orjson (ARGS=...)
 	@$(RUN) python bench/dataset_bench.py $(ARGS)
+
+bench-routing: install ## Routing benchmark: assignment cost vs. sha256, deployment change → SDK client vs. raw KV watch (ARGS=...)
+	@$(RUN) python bench/routing_bench.py $(ARGS)
 
 up: ## Start the compose stack (needs Docker): NATS, PostgreSQL, MinIO, Prometheus, Grafana, services
 	docker compose up -d --build

@@ -1,4 +1,4 @@
-"""The benchmarks are user-facing commands (`make bench`, `make bench-datasets`): they must run and print
+"""The benchmarks are user-facing commands (`make bench`, `make bench-datasets`, `make bench-routing`): they must run and print
 their tables. This checks that they work on a small load; it asserts nothing about speed (figures come
 from the make targets)."""
 
@@ -57,5 +57,19 @@ def test_the_dataset_benchmark_runs_and_prints_its_figures() -> None:
             "(a) export: art.jsonl + openai_chat.jsonl + manifest",
             "(b) baseline: SELECT the same rows + orjson.dumps",
             "export ÷ raw =",
+        ),
+    )
+
+
+def test_the_routing_benchmark_runs_and_prints_its_figures() -> None:
+    run_benchmark(
+        "bench/routing_bench.py",
+        *("--calls", "2000", "--changes", "5"),
+        expect=(
+            "(a) which version for this agent?",
+            "sha256 of the key alone (baseline)",
+            "Routing.model_for(model, agent)",
+            "command → raw nats-py KV watcher sees it (floor)",
+            "command → SDK Routing client sees it",
         ),
     )

@@ -23,14 +23,17 @@ that is how every trajectory is stamped with the version and deployment it ran u
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import functools
 import hashlib
+import itertools
 import logging
 import os
 import threading
 from collections.abc import Callable
 from datetime import datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import nats
 from nats.aio.client import Client
@@ -91,6 +94,12 @@ class RoutingTable(_Frozen):
             raise ValueError("a routing table needs at least one arm with a positive weight")
         return self
 
+    @functools.cached_property
+    def slices(self) -> tuple[list[float], list[Arm]]:
+        """The arms with a positive weight and the upper edges of their slices (cumulative weights)."""
+        arms = [a for a in self.arms if a.weight > 0]
+        return list(itertools.accumulate(a.weight for a in arms)), arms
+
     def artifact(self, version: str) -> ArtifactRef | None:
         for arm in self.arms:
             if arm.version == version:
@@ -98,7 +107,9 @@ class RoutingTable(_Frozen):
         return self.artifacts.get(version)
 
 
-class Assignment(_Frozen):
+class Assignment(NamedTuple):
+    """Which version an agent runs, under which deployment and arm (an immutable tuple: the hot path)."""
+
     model_name: str
     version: str
     deployment_id: str
@@ -107,9 +118,13 @@ class Assignment(_Frozen):
     artifact: ArtifactRef | None = None
 
     def model_ref(self) -> ModelRef:
-        return ModelRef(
-            name=self.model_name, version=self.version, deployment_id=self.deployment_id, variant=self.variant
-        )
+        return _model_ref(self.model_name, self.version, self.deployment_id, self.variant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _model_ref(name: str, version: str, deployment_id: str, variant: str) -> ModelRef:
+    # A handful of distinct (version, arm) pairs per deployment: built (and validated) once, shared (frozen).
+    return ModelRef(name=name, version=version, deployment_id=deployment_id, variant=variant)
 
 
 def point(deployment_id: str, agent_id: str) -> float:
@@ -121,34 +136,15 @@ def point(deployment_id: str, agent_id: str) -> float:
 def assign(table: RoutingTable, agent_id: str) -> Assignment:
     """The arm ``agent_id`` runs under ``table`` (see the module docstring)."""
     pinned = table.pins.get(agent_id)
+    variant: Variant
     if pinned is not None:
-        return Assignment(
-            model_name=table.model_name,
-            version=pinned,
-            deployment_id=table.deployment_id,
-            variant="pinned",
-            revision=table.revision,
-            artifact=table.artifact(pinned),
-        )
-    total = sum(a.weight for a in table.arms)
-    at = point(table.deployment_id, agent_id) * total
-    chosen = table.arms[-1]
-    edge = 0.0
-    for arm in table.arms:
-        edge += arm.weight
-        if at < edge and arm.weight > 0:
-            chosen = arm
-            break
-    if chosen.weight == 0:  # rounding at the very top of [0, total): the last arm with weight
-        chosen = next(a for a in reversed(table.arms) if a.weight > 0)
-    return Assignment(
-        model_name=table.model_name,
-        version=chosen.version,
-        deployment_id=table.deployment_id,
-        variant=chosen.role,
-        revision=table.revision,
-        artifact=chosen.artifact,
-    )
+        version, variant, artifact = pinned, "pinned", table.artifact(pinned)
+    else:
+        edges, arms = table.slices
+        at = point(table.deployment_id, agent_id) * edges[-1]
+        arm = arms[min(bisect.bisect_right(edges, at), len(arms) - 1)]
+        version, variant, artifact = arm.version, arm.role, arm.artifact
+    return Assignment(table.model_name, version, table.deployment_id, variant, table.revision, artifact)
 
 
 def routing_bucket(prefix: str = "") -> str:
@@ -240,10 +236,11 @@ class Routing:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: closing must not hang on a connection that is going away.
+            await asyncio.wait({self._task}, timeout=5.0)
         if self._own_connection and self._nc is not None and not self._nc.is_closed:
-            await self._nc.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.close(), timeout=5.0)
 
     async def __aenter__(self) -> Routing:
         await self.start()
@@ -305,7 +302,7 @@ class Routing:
                 self._apply(entry.key, table)
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                await asyncio.wait_for(watcher.stop(), timeout=2.0)  # type: ignore[no-untyped-call]
 
     def _apply(self, key: str, table: RoutingTable | None) -> None:
         if table is None:

@@ -627,9 +627,12 @@ class Deployer:
                 await self._act(deployment, verdicts)
             return results
 
-    async def judge(self, deployment: asyncpg.Record) -> list[Verdict]:
+    async def judge(self, deployment: asyncpg.Record, conn: asyncpg.Connection | None = None) -> list[Verdict]:
         model_name = deployment["model_name"]
-        async with self.service.pool.acquire() as conn:
+        if conn is None:
+            async with self.service.pool.acquire() as own:
+                stats = await arm_stats(own, model_name, deployment_id=deployment["deployment_id"])
+        else:  # never hold one pool connection while waiting for another
             stats = await arm_stats(conn, model_name, deployment_id=deployment["deployment_id"])
         for version, arm in stats.items():
             ARM_TRAJECTORIES.labels(model_name, version).set(arm.finished)
@@ -737,7 +740,7 @@ class Deployer:
                     "by_version": {v: s.as_dict() for v, s in sorted(by_version.items())},
                 }
                 if deployment is not None and deployment["strategy"] != "immediate":
-                    verdicts = await self.judge(deployment)
+                    verdicts = await self.judge(deployment, conn)
                     entry["experiment"] = {
                         "deployment_id": str(deployment["deployment_id"]),
                         "strategy": deployment["strategy"],
