@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import functools
 import hashlib
+import sys
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -33,7 +34,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from prometheus_client import Counter
 
 from . import tracking
-from .backends import TrainingJob, load
+from .backends import BackendUnavailableError, TrainingJob, load
 from .settings import TrainerSettings
 
 log = get_logger(__name__)
@@ -103,6 +104,7 @@ class Trainer:
     def __init__(self, settings: TrainerSettings, connection: ConnectionSettings | None = None) -> None:
         self.settings = settings
         self.backend = load(settings.backend)
+        self.backend.preflight()  # a host that cannot train must not claim batches
         if settings.wandb_mode != "disabled":
             tracking.require_wandb()
         self.service = Service(settings, connection)
@@ -224,4 +226,9 @@ def build(settings: TrainerSettings | None = None, connection: ConnectionSetting
 
 
 def main() -> None:
-    run(build)
+    try:
+        run(build)
+    except (BackendUnavailableError, tracking.WandbUnavailableError) as error:
+        # A configuration this host cannot serve: one line that says what to do, not a traceback.
+        print(f"cuneiform-trainer: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -53,6 +53,10 @@ class TrainingOutput:
 class Backend(Protocol):
     name: str
 
+    def preflight(self) -> None:
+        """Raise ``BackendUnavailableError`` (saying what to install) when this host cannot train: the
+        trainer checks at start-up, so a host that cannot train never claims a batch."""
+
     def train(self, job: TrainingJob, progress: Progress) -> TrainingOutput: ...
 
 

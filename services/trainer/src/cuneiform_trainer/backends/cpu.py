@@ -358,6 +358,9 @@ class CpuBackend:
 
     name = "cpu"
 
+    def preflight(self) -> None:
+        """Runs anywhere."""
+
     def train(self, job: TrainingJob, progress: Progress) -> TrainingOutput:
         start = json.loads(job.start_artifact) if job.start_artifact else None
         artifact, metrics = train_dataset(
