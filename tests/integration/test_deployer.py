@@ -238,7 +238,7 @@ async def test_registry_rollout_evaluation_and_promotion(
     table = routing.table(MODEL)
     assert table is not None and [a.version for a in table.arms] == ["v2"], "the better challenger is promoted"
     # About half the agents on each arm: 40 agents keep their arms, so the share is one binomial(40, 0.5)
-    # draw (outside 0.2–0.8 with probability ~1e-4).
+    # draw (outside 0.2 to 0.8 with probability ~1e-4).
     assert 0.2 < played["v2"] / sum(played.values()) < 0.8
 
     stamped = await query(
