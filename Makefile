@@ -56,7 +56,7 @@ format: install ## Format and auto-fix
 	@$(RUN) ruff format .
 	@$(RUN) ruff check --fix .
 
-schema: install ## Regenerate the committed JSON Schema of the event contract
+schema: install ## Regenerate the committed JSON Schemas (event contract, routing table)
 	@$(RUN) python -m cuneiform_sdk.schema
 
 bench: install ## Recorder + archiver benchmark: drain rates vs. ceilings and a naive baseline, latency, archive lag, SDK cost (ARGS=...)

@@ -38,6 +38,8 @@ def test_an_agent_keeps_its_arm() -> None:
     again = table([("v2", 0.5, "challenger"), ("v1", 0.5, "champion")])
     assert {a: assign(again, a).version for a in AGENTS[:2000]} == first
     assert 0.0 <= point("d-1", "agent-1") < 1.0
+    # The check the README gives to ports of the hash in other languages.
+    assert point("01a20f00-b22f-7150-9a0c-4b9872d438fe", "agent-1") == pytest.approx(0.686642559269, abs=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ import json
 import jsonschema
 import pytest
 from cuneiform_sdk.contract import ContractError, dump_event, parse_event
-from cuneiform_sdk.schema.generate import SCHEMA_PATH, render
+from cuneiform_sdk.routing import Arm, RoutingTable
+from cuneiform_sdk.schema.generate import ROUTING_SCHEMA_PATH, SCHEMA_PATH, render, render_routing
 
 from .test_contract import envelope, one_of_each
 
@@ -18,6 +19,23 @@ def test_committed_schema_is_current() -> None:
         "libs/sdk/src/cuneiform_sdk/schema/events.v1.schema.json is stale: "
         "run `make schema` (python -m cuneiform_sdk.schema) and commit the result"
     )
+
+
+def test_the_routing_schema_is_current_and_accepts_what_the_deployer_writes() -> None:
+    assert ROUTING_SCHEMA_PATH.read_text() == render_routing(), "routing.v1.schema.json is stale: run `make schema`"
+    schema = json.loads(ROUTING_SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    table = RoutingTable(
+        model_name="demo-policy",
+        deployment_id="d-1",
+        strategy="canary",
+        revision=3,
+        arms=[Arm(version="v2", weight=0.1, role="challenger"), Arm(version="v1", weight=0.9)],
+        pins={"agent-7": "v1"},
+    )
+    jsonschema.validate(table.model_dump(mode="json"), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**table.model_dump(mode="json"), "revision": 0}, schema)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,10 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from ..contract import CONTRACT_VERSION, ClaimCheck, Event
+from ..routing import ROUTING_VERSION, RoutingTable
 
 SCHEMA_PATH = Path(__file__).with_name(f"events.v{CONTRACT_VERSION}.schema.json")
+ROUTING_SCHEMA_PATH = Path(__file__).with_name(f"routing.v{ROUTING_VERSION}.schema.json")
 
 
 def build() -> dict[str, Any]:
@@ -39,10 +41,35 @@ def build() -> dict[str, Any]:
     }
 
 
+def build_routing() -> dict[str, Any]:
+    """The value of a key of the ``routing`` KV bucket, for agents in other languages."""
+    schema = RoutingTable.model_json_schema(mode="validation")
+    schema.update(
+        {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"https://cuneiform.dev/schema/routing.v{ROUTING_VERSION}.schema.json",
+            "title": f"Cuneiform routing table, v{ROUTING_VERSION}",
+            "description": (
+                "The value of key <model_name> in the NATS KV bucket `routing`. An agent's arm: "
+                "point = first 8 bytes of sha256('<deployment_id>:<agent_id>') as a big-endian integer / 2^64; "
+                "the arms with a positive weight cover [0, sum of weights) in order, each as wide as its weight; "
+                "the agent runs the arm its point x the sum falls in, unless `pins` names its version. "
+                "Ignore a table whose revision is lower than one already seen."
+            ),
+        }
+    )
+    return schema
+
+
 def render() -> str:
     return json.dumps(build(), indent=2, sort_keys=True) + "\n"
 
 
-def write(path: Path = SCHEMA_PATH) -> Path:
+def render_routing() -> str:
+    return json.dumps(build_routing(), indent=2, sort_keys=True) + "\n"
+
+
+def write(path: Path = SCHEMA_PATH, routing_path: Path = ROUTING_SCHEMA_PATH) -> Path:
     path.write_text(render())
+    routing_path.write_text(render_routing())
     return path
