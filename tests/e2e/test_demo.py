@@ -128,6 +128,9 @@ async def test_make_demo_records_a_fleet_end_to_end() -> None:
             ("canary", "v2-inverted", "challenger"),
         }
         assert await scalar(dsn, "SELECT count(*) FROM recorder.trajectories WHERE deployment_id IS NULL") == 0
+        lineage = (await query(dsn, "SELECT * FROM deployer.models WHERE model_version = 'v2'"))[0]
+        assert (lineage["source"], lineage["triggered_by"]) == ("trained", "readiness")
+        assert len(lineage["trajectory_ids"]) == TRAJECTORIES
         decisions = await query(dsn, "SELECT action, actor FROM deployer.history ORDER BY seq")
         assert [(d["action"], d["actor"]) for d in decisions] == [
             ("deploy", "operator:demo"),  # v1 to everyone

@@ -318,8 +318,8 @@ class Demo:
         ]
         c.item(
             f"deployer: registered {version} from pipeline.model.trained (batch {model['batch_id']}, dataset "
-            f"{model['dataset_id']}, {model['trajectory_count']} trajectories, artifact sha256 "
-            f"{model['artifact_sha256'][:16]}…)"
+            f"{model['dataset_id']}, {model['trajectory_count']} trajectories, triggered by "
+            f"{model['triggered_by']}, artifact sha256 {model['artifact_sha256'][:16]}…)"
         )
         c.item(f"deployer: A/B test {_weights(table)} (deployment {table.deployment_id}); agents keep their arm")
         self.describe_rule()

@@ -118,12 +118,13 @@ class Deployer:
         for index, event in enumerate(events):
             trajectory_ids = await self._dataset_trajectories(event.dataset_id)
             async with self.service.pool.acquire() as conn:
+                trigger = await _batch_trigger(conn, event.batch_id)
                 added = await conn.fetchval(
                     """INSERT INTO deployer.models (model_name, model_version, source, batch_id, dataset_id,
                            trajectory_ids, base_model, bucket, artifact_key, artifact_sha256, artifact_size, metrics,
-                           trainer_id, attempt, registered_by, reason)
+                           trainer_id, attempt, registered_by, reason, triggered_by, trigger_reason)
                        VALUES ($1, $2, 'trained', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-                               'trainer-dispatcher', $14)
+                               'trainer-dispatcher', $14, $15, $16)
                        ON CONFLICT DO NOTHING RETURNING model_version""",
                     event.model_name,
                     event.model_version,
@@ -139,6 +140,8 @@ class Deployer:
                     event.trainer_id,
                     event.attempt,
                     f"trained on batch {event.batch_id}",
+                    trigger[0],
+                    trigger[1],
                 )
                 if added is None:
                     existing = await conn.fetchval(
@@ -868,6 +871,15 @@ async def _arm_rows(conn: asyncpg.Connection, model_name: str, deployment_id: uu
         str(deployment_id) if deployment_id is not None else None,
     )
     return rows
+
+
+async def _batch_trigger(conn: asyncpg.Connection, batch_id: uuid.UUID) -> tuple[str | None, str | None]:
+    """Who or what froze the batch (readiness's rules, or an operator's forced trigger) and why."""
+    try:
+        row = await conn.fetchrow("SELECT triggered_by, reason FROM readiness.batches WHERE batch_id = $1", batch_id)
+    except asyncpg.UndefinedTableError:  # readiness not deployed here: the lineage stops at the batch id
+        return None, None
+    return (row["triggered_by"], row["reason"]) if row is not None else (None, None)
 
 
 async def _active(conn: asyncpg.Connection, model_name: str) -> asyncpg.Record | None:
