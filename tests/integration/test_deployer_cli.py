@@ -91,4 +91,4 @@ async def test_an_operator_registers_deploys_and_rolls_back(
     finally:
         deployer.stop()
     nobody = cli(connection, "status")
-    assert nobody.returncode == 1 and "no deployer answers" in nobody.stderr
+    assert nobody.returncode == 1 and "no deployer service answers" in nobody.stderr

@@ -13,15 +13,14 @@ Connection settings come from the environment / ``.cuneiform/stack.env`` like ev
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+from cuneiform_core.cli import run_command
 from cuneiform_core.db import create_pool
-from cuneiform_core.logging import configure_logging
 from cuneiform_core.settings import ConnectionSettings
 from cuneiform_core.storage import ObjectStore
 from cuneiform_core.topology import TRAJECTORIES, Topology
@@ -208,8 +207,6 @@ def main(argv: list[str] | None = None) -> None:
 
         serve()
         return
-    # Results go to stdout as JSON; log lines only when they warn, and to stderr.
-    configure_logging("archiver-cli", "WARNING", False)
     connection = ConnectionSettings()
     commands = {
         "segments": _segments,
@@ -218,19 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         "retention": _retention,
         "export": _export,
     }
-    try:
-        code = asyncio.run(commands[args.command](args, connection))
-    except KeyboardInterrupt:
-        code = 130
-    except Exception as error:  # an operator gets one line and what to check, not a traceback
-        print(f"cuneiform-archiver {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
-        print(
-            "are the servers reachable? (`cuneiform-stack status`, or `make stack-up`; the CUNEIFORM_* settings "
-            "or .cuneiform/stack.env say where they are)",
-            file=sys.stderr,
-        )
-        code = 1
-    sys.exit(code)
+    run_command("cuneiform-archiver", args.command, commands[args.command](args, connection))
 
 
 async def _export(args: argparse.Namespace, connection: ConnectionSettings) -> int:

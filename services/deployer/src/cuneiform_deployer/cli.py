@@ -26,9 +26,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import nats.errors
 from cuneiform_core.ask import ask
-from cuneiform_core.logging import configure_logging
+from cuneiform_core.cli import run_command
 from cuneiform_core.settings import ConnectionSettings
 from cuneiform_core.storage import ObjectStore
 
@@ -142,20 +141,4 @@ def main(argv: list[str] | None = None) -> None:
 
         serve()
         return
-    configure_logging("deployer-cli", "WARNING", False)
-    try:
-        code = asyncio.run(_run(args))
-    except KeyboardInterrupt:
-        code = 130
-    except nats.errors.NoRespondersError:
-        print("no deployer answers: is it running? (`cuneiform-deployer serve`, or `make up`)", file=sys.stderr)
-        code = 1
-    except Exception as error:
-        print(f"cuneiform-deployer {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
-        print(
-            "are the servers reachable? (`cuneiform-stack status`; the CUNEIFORM_* settings or .cuneiform/stack.env "
-            "say where they are)",
-            file=sys.stderr,
-        )
-        code = 1
-    sys.exit(code)
+    run_command("cuneiform-deployer", args.command, _run(args))

@@ -64,6 +64,27 @@ class BackendUnavailableError(RuntimeError):
     """The backend's dependencies are not installed here; the message says what to install."""
 
 
+def coerce_hyperparameters(backend: str, given: Mapping[str, Any], types: Mapping[str, type]) -> dict[str, Any]:
+    """The offer's hyperparameters (JSON values) as the backend's types; a clear ``ValueError`` for an
+    unknown name or a value of the wrong kind (a float epoch count, a string flag, ``true`` as a number)."""
+    unknown = sorted(set(given) - set(types))
+    if unknown:
+        raise ValueError(f"unknown hyperparameters {unknown}; the {backend} backend takes {sorted(types)}")
+    values: dict[str, Any] = {}
+    for name, value in given.items():
+        kind = types[name]
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"hyperparameter {name} must be true or false, not {value!r}")
+        elif isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"hyperparameter {name} must be {kind.__name__}, not {value!r}")
+        try:
+            values[name] = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"hyperparameter {name} must be {kind.__name__}, not {value!r}") from None
+    return values
+
+
 BACKENDS = {"cpu": "cuneiform_trainer.backends.cpu", "art": "cuneiform_trainer.backends.art"}
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import BackendUnavailableError, Progress, TrainingJob, TrainingOutput
+from . import BackendUnavailableError, Progress, TrainingJob, TrainingOutput, coerce_hyperparameters
 
 PROJECT = "cuneiform"
 HEADER = "cuneiform-art.json"
@@ -74,21 +74,7 @@ _TYPES: dict[str, type] = {
 
 
 def parse_options(hyperparameters: Mapping[str, Any]) -> ArtOptions:
-    unknown = sorted(set(hyperparameters) - set(_TYPES))
-    if unknown:
-        raise ValueError(f"unknown hyperparameters {unknown}; the art backend takes {sorted(_TYPES)}")
-    values: dict[str, Any] = {}
-    for name, value in hyperparameters.items():
-        kind = _TYPES[name]
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise ValueError(f"hyperparameter {name} must be true or false, not {value!r}")
-        elif isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"hyperparameter {name} must be {kind.__name__}, not {value!r}")
-        try:
-            values[name] = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"hyperparameter {name} must be {kind.__name__}, not {value!r}") from None
+    values = coerce_hyperparameters("art", hyperparameters, _TYPES)
     options = ArtOptions(**values)
     if options.epochs < 1 or options.groups_per_step < 1:
         raise ValueError("epochs and groups_per_step must be at least 1")

@@ -48,7 +48,7 @@ from typing import Any
 from cuneiform_demo.environment import ACTIONS, TRENDS, make_scenario, play
 from cuneiform_demo.policy import TabularPolicy
 
-from . import Progress, TrainingJob, TrainingOutput
+from . import Progress, TrainingJob, TrainingOutput, coerce_hyperparameters
 
 _TREND = re.compile(r"\btrend (up|down|flat)\b")
 _SCENARIO_SEED = re.compile(r"^market-([0-9a-f]{8})$")
@@ -334,18 +334,7 @@ def train_dataset(
     ``hyperparameters`` are :func:`train`'s keywords (``epochs``, ``learning_rate``, ``kl_coef``,
     ``batch_size``, ``seed``); unknown names or uncoercible values raise ``ValueError``.
     """
-    unknown = sorted(set(hyperparameters) - set(_HYPERPARAMETERS))
-    if unknown:
-        raise ValueError(f"unknown hyperparameters {unknown}; the CPU backend takes {sorted(_HYPERPARAMETERS)}")
-    options: dict[str, Any] = {}
-    for name, value in hyperparameters.items():
-        kind = _HYPERPARAMETERS[name]
-        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"hyperparameter {name} must be {kind.__name__}, not {value!r}")
-        try:
-            options[name] = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"hyperparameter {name} must be {kind.__name__}, not {value!r}") from None
+    options = coerce_hyperparameters("cpu", hyperparameters, _HYPERPARAMETERS)
     groups = parse_groups(art_jsonl)
     start = TabularPolicy.from_json(start_policy_json) if start_policy_json else TabularPolicy()
     result = train(groups, start, version=version, progress=progress, **options)
