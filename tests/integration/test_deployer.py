@@ -130,10 +130,11 @@ async def stack(
     recorder_service = build_recorder(RecorderSettings(sweep_interval_s=0.2), connection)
     await recorder_service.start()
     services.append(recorder_service)
-    sdk = Recorder(connection.nats_url, prefix=connection.nats_prefix, outbox_dir=tmp_path / "outbox")
-    await sdk.start()
     routing = Routing(connection.nats_url, prefix=connection.nats_prefix, retry_interval=0.2)
     await routing.start()
+    # With routing attached, a trajectory whose model is given by name is stamped with the agent's arm.
+    sdk = Recorder(connection.nats_url, prefix=connection.nats_prefix, outbox_dir=tmp_path / "outbox", routing=routing)
+    await sdk.start()
     yield sdk, routing
     await routing.close()
     await sdk.close()
@@ -171,7 +172,7 @@ def play(
         model = routing.model_for(MODEL, agent)
         assert model.version is not None, "every agent resolves a version once a deployment exists"
         played[model.version] = played.get(model.version, 0) + 1
-        t = sdk.trajectory(agent_id=agent, scenario_id=f"market-{n % 7}", model=model)
+        t = sdk.trajectory(agent_id=agent, scenario_id=f"market-{n % 7}", model=MODEL)
         t.start()
         t.llm_call(messages=[{"role": "user", "content": "trend up"}], response={"role": "assistant", "content": "buy"})
         reward = rng.gauss(rewards[model.version], 1.0)

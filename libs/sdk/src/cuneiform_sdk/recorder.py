@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import JsonValue
 
@@ -332,9 +332,16 @@ def default_outbox_dir() -> Path:
     return Path(os.environ.get("CUNEIFORM_OUTBOX_DIR", ".cuneiform/outbox/default"))
 
 
+class ModelResolver(Protocol):
+    def model_for(self, model_name: str, agent_id: str) -> ModelRef: ...
+
+
 class TrajectoryFactory:
     """``trajectory()``, shared by ``Recorder`` and ``SyncRecorder``: they differ only in how an
     event reaches the publisher (``_submit``) and where the subject prefix comes from."""
+
+    #: A ``Routing`` (or ``SyncRouting``): a model given by name only is resolved through it.
+    routing: ModelResolver | None = None
 
     @property
     def prefix(self) -> str:
@@ -354,7 +361,12 @@ class TrajectoryFactory:
         metadata: Mapping[str, JsonValue] | None = None,
         trajectory_id: uuid.UUID | None = None,
     ) -> TrajectoryRecording:
-        """A new trajectory of ``agent_id``; use it with ``async with``/``with``, or call ``start()``."""
+        """A new trajectory of ``agent_id``; use it with ``async with``/``with``, or call ``start()``.
+
+        With a ``routing`` client attached, a ``model`` given by name alone (``"demo-policy"``) is stamped
+        with the version, deployment and arm routing assigns this agent."""
+        if self.routing is not None and isinstance(model, str):
+            model = self.routing.model_for(model, agent_id)
         return TrajectoryRecording(
             self._submit,
             agent_id=agent_id,
@@ -382,7 +394,9 @@ class Recorder(TrajectoryFactory):
         max_buffer: int = 50_000,
         ack_timeout: float = 5.0,
         spill_after: float = 2.0,
+        routing: ModelResolver | None = None,
     ) -> None:
+        self.routing = routing
         self.nats_url = nats_url or os.environ.get("CUNEIFORM_NATS_URL", "nats://127.0.0.1:4222")
         self._prefix = prefix if prefix is not None else os.environ.get("CUNEIFORM_NATS_PREFIX", "")
         self.outbox = DiskOutbox(Path(outbox_dir) if outbox_dir is not None else default_outbox_dir())

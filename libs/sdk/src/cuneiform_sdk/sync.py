@@ -27,6 +27,8 @@ from .recorder import Recorder, TrajectoryFactory
 
 class SyncRecorder(TrajectoryFactory):
     def __init__(self, nats_url: str | None = None, **options: Any) -> None:
+        # Resolved in the caller's thread (a SyncRouting answers from memory), like validation.
+        self.routing = options.pop("routing", None)
         self._options = options
         self._nats_url = nats_url
         self._loop = asyncio.new_event_loop()
