@@ -26,6 +26,7 @@ from cuneiform_core.topology import (
     BATCHES,
     MODEL_TRAINED,
     PIPELINE,
+    ROUTING_BUCKET,
     TRAINING,
     Topology,
     training_subject,
@@ -33,6 +34,7 @@ from cuneiform_core.topology import (
 from cuneiform_demo.environment import Episode as Market
 from cuneiform_demo.environment import make_scenario
 from cuneiform_demo.policy import TRADE_TOOL, TabularPolicy, chat_messages, tool_call_response
+from cuneiform_sdk.routing import Arm, ArtifactRef, RoutingTable
 from cuneiform_trainer.main import Trainer
 from cuneiform_trainer.settings import TrainerSettings
 from cuneiform_trainer_dispatcher.main import Dispatcher
@@ -262,3 +264,54 @@ async def test_a_corrupt_artifact_is_rejected_and_the_batch_offered_again(
     outcome = await query(connection.pg_dsn, "SELECT outcome, reason FROM trainer_dispatcher.attempts")
     assert outcome[0]["outcome"] == "rejected_artifact" and "does not match" in outcome[0]["reason"]
     assert await models(connection.pg_dsn) == []
+
+
+async def test_a_batch_trains_from_the_champion_the_fleet_runs(
+    connection: ConnectionSettings, js: JetStreamContext, topology: Topology, services: list[Service]
+) -> None:
+    await start(services, Archiver(ArchiverSettings(segment_max_age_s=0.5), connection).service)
+    # The deployer's routing table says every agent runs v7 (a policy that already follows the trend).
+    store = ObjectStore.from_settings(connection)
+    champion = TabularPolicy(
+        logits={"up": {"buy": 2.0, "sell": -1.0, "hold": 0.0}, "down": {"buy": -1.0, "sell": 2.0, "hold": 0.0},
+                "flat": {"buy": 0.0, "sell": 0.0, "hold": 1.0}},
+        version="v7",
+    )  # fmt: skip
+    body = champion.dumps().encode()
+    await store.put_bytes("models/demo-policy/manual/v7/artifact", body)
+    table = RoutingTable(
+        model_name="demo-policy",
+        deployment_id=str(uuid.uuid4()),
+        strategy="immediate",
+        revision=1,
+        arms=[
+            Arm(
+                version="v7",
+                weight=1.0,
+                role="champion",
+                artifact=ArtifactRef(
+                    bucket=store.bucket,
+                    key="models/demo-policy/manual/v7/artifact",
+                    sha256=hashlib.sha256(body).hexdigest(),
+                ),
+            )
+        ],
+    )
+    kv = await js.key_value(topology.bucket(ROUTING_BUCKET))
+    await kv.put("demo-policy", table.model_dump_json().encode())
+    await start(services, dispatcher(connection).service)
+    await start(services, trainer(connection).service)
+
+    batch = await batch_of_demo_data(connection, js, topology)
+
+    async def registered() -> bool:
+        return len(await models(connection.pg_dsn)) == 1 and len(await model_events(js, topology)) == 1
+
+    await eventually(registered, timeout=60, what="a model trained from the champion and registered")
+    [row] = await query(connection.pg_dsn, "SELECT base_model, base_artifact FROM trainer_dispatcher.batches")
+    assert row["base_model"] == "demo-policy:v7" and row["base_artifact"]["sha256"] == hashlib.sha256(body).hexdigest()
+    [event] = await model_events(js, topology)
+    assert event.base_model == "demo-policy:v7" and event.batch_id == batch.batch_id
+    # Trained from v7, not from the untrained policy: it keeps v7's strong preferences.
+    trained = TabularPolicy.loads((await store.get_bytes(event.artifact_key)).decode())
+    assert trained.probabilities("up")["buy"] > 0.8 > TabularPolicy().probabilities("up")["buy"]

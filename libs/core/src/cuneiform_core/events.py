@@ -117,8 +117,9 @@ class TrainingOffer(PipelineEvent):
     pool: str
     model_name: str
     base_model: str
-    #: The starting model's artifact (presigned GET), when there is one.
+    #: The starting model's artifact (presigned GET) and its sha256, when there is one.
     base_model_url: str | None = None
+    base_model_sha256: str | None = None
     hyperparameters: dict[str, float | int | str | bool] = Field(default_factory=dict)
     files: list[OfferedFile]
     artifact_key: str

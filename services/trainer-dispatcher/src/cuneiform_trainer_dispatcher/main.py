@@ -44,10 +44,14 @@ from cuneiform_core.topology import (
     DATASET_EXPORTED,
     MODEL_TRAINED,
     PIPELINE,
+    ROUTING_BUCKET,
     TRAINING,
     batch_ready_subject,
 )
+from cuneiform_sdk.routing import Arm, RoutingTable
+from nats.js.errors import KeyNotFoundError
 from prometheus_client import Counter
+from pydantic import ValidationError
 
 from .settings import DispatcherSettings
 
@@ -107,7 +111,7 @@ class Dispatcher:
                 )
         await self.publish_pending()
 
-    async def offer(self, row: asyncpg.Record) -> None:
+    async def offer(self, conn: asyncpg.Connection, row: asyncpg.Record) -> None:
         store = self.service.store
         manifest = orjson.loads(await store.get_bytes(row["manifest_key"]))
         expiry = timedelta(hours=self.settings.url_expiry_h)
@@ -118,6 +122,10 @@ class Dispatcher:
             for f in manifest["files"]
         ]
         key = self.artifact_key(row["batch_id"], row["attempt"])
+        base_model, base_artifact = await self.start_model(conn, row)
+        base_url = None
+        if base_artifact is not None:
+            base_url = await store.presigned_get(base_artifact["key"], expiry)
         offer = TrainingOffer(
             event_id=stable_id("training.offer", row["batch_id"], row["attempt"]),
             batch_id=row["batch_id"],
@@ -125,7 +133,9 @@ class Dispatcher:
             attempt=row["attempt"],
             pool=self.settings.pool,
             model_name=self.settings.model_name,
-            base_model=self.settings.base_model,
+            base_model=base_model,
+            base_model_url=base_url,
+            base_model_sha256=base_artifact["sha256"] if base_artifact is not None else None,
             hyperparameters=self.settings.hyperparameters,
             files=files,
             artifact_key=key,
@@ -141,6 +151,41 @@ class Dispatcher:
         )
         OFFERS.inc()
         log.info("dispatcher.offered", batch_id=str(row["batch_id"]), attempt=row["attempt"])
+
+    async def start_model(self, conn: asyncpg.Connection, row: asyncpg.Record) -> tuple[str, dict[str, Any] | None]:
+        """What the batch trains from: fixed at its first offer (every attempt the same), from the routing
+        table's champion when ``start_from`` is ``champion`` and one with an artifact is deployed."""
+        if row["base_model"] is not None:
+            return row["base_model"], row["base_artifact"]
+        base_model, artifact = self.settings.base_model, None
+        if self.settings.start_from == "champion":
+            champion = await self.champion()
+            if champion is not None and champion.artifact is not None:
+                base_model = f"{self.settings.model_name}:{champion.version}"
+                artifact = champion.artifact.model_dump(mode="json")
+        fixed = await conn.fetchrow(
+            """UPDATE trainer_dispatcher.batches SET base_model = coalesce(base_model, $2),
+                   base_artifact = CASE WHEN base_model IS NULL THEN $3::jsonb ELSE base_artifact END
+               WHERE batch_id = $1 RETURNING base_model, base_artifact""",
+            row["batch_id"],
+            base_model,
+            artifact,
+        )
+        log.info("dispatcher.start_model", batch_id=str(row["batch_id"]), base_model=fixed["base_model"])
+        return fixed["base_model"], fixed["base_artifact"]
+
+    async def champion(self) -> Arm | None:
+        """The arm every agent outside an experiment runs, from the routing table (None: nothing deployed)."""
+        kv = await self.service.broker.connection.jetstream().key_value(self.service.topology.bucket(ROUTING_BUCKET))
+        try:
+            entry = await kv.get(self.settings.model_name)
+            table = RoutingTable.model_validate_json(entry.value or b"")
+        except KeyNotFoundError:
+            return None
+        except ValidationError as error:
+            log.warning("dispatcher.routing_unreadable", model=self.settings.model_name, error=str(error))
+            return None
+        return next((a for a in table.arms if a.role == "champion"), None)
 
     def artifact_key(self, batch_id: uuid.UUID, attempt: int) -> str:
         # One key per attempt: a trainer that lost its claim can only ever write its own attempt's key.
@@ -235,7 +280,7 @@ class Dispatcher:
             version,
             batch["batch_id"],
             batch["dataset_id"],
-            self.settings.base_model,
+            batch["base_model"] or self.settings.base_model,
             self.service.store.bucket,
             key,
             report.artifact_sha256,
@@ -327,7 +372,7 @@ class Dispatcher:
             for row in await conn.fetch(
                 "SELECT * FROM trainer_dispatcher.batches WHERE state = 'offered' AND offer_published_at IS NULL"
             ):
-                await self.offer(row)
+                await self.offer(conn, row)
                 await conn.execute(
                     "UPDATE trainer_dispatcher.batches SET offer_published_at = now() "
                     "WHERE batch_id = $1 AND attempt = $2",

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from cuneiform_core.settings import SERVICE_CONFIG, ServiceSettings
 from pydantic import Field
@@ -18,6 +18,10 @@ class DispatcherSettings(ServiceSettings):
     #: The model the batches train, and what training starts from.
     model_name: str = "demo-policy"
     base_model: str = "demo-policy:v1"
+    #: ``champion``: each batch trains from the version the routing table gives every agent not in an
+    #: experiment (its artifact goes to the trainer), so the flywheel improves on what the fleet runs;
+    #: ``base_model`` when nothing is deployed yet. ``base``: always from ``base_model``.
+    start_from: Literal["champion", "base"] = "champion"
     hyperparameters: dict[str, float | int | str | bool] = Field(default_factory=dict)
     #: A claimed batch whose trainer sends nothing for this long is offered again (new attempt).
     heartbeat_timeout_s: float = Field(default=120.0, gt=0)

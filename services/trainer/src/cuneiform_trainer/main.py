@@ -140,7 +140,7 @@ class Trainer:
             files = {f.name: await asyncio.to_thread(_download, f.url, f.sha256) for f in offer.files}
             start = None
             if offer.base_model_url:
-                start = await asyncio.to_thread(_download, offer.base_model_url, None)
+                start = await asyncio.to_thread(_download, offer.base_model_url, offer.base_model_sha256)
             run = await asyncio.to_thread(tracking.start_attempt, self.settings, offer)
             loop = asyncio.get_running_loop()
             sent: list[concurrent.futures.Future[None]] = []
