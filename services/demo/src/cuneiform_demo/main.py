@@ -290,7 +290,8 @@ class Demo:
                 c.item(f"    {f['name']:<18} {f['records']:>5} lines  {size}  sha256 {f['sha256'][:16]}…")
         metrics = m["metrics"]
         c.item(
-            f"trainer ({m['trainer_id']}, CPU GRPO backend): {metrics.get('decisions', 0):.0f} decisions in "
+            f"trainer ({m['trainer_id']}, CPU GRPO backend, from {m['base_model']}): "
+            f"{metrics.get('decisions', 0):.0f} decisions in "
             f"{metrics.get('groups_used', 0):.0f} groups, loss {metrics.get('loss', 0):+.3f}"
         )
         digest = m["artifact_sha256"][:16]
@@ -642,9 +643,17 @@ class Demo:
             prefix = self.outcome.dataset["prefix"]
             c.item(f"{'Dataset':<14}{prefix} in bucket cuneiform (manifest.json lists files and sha256)")
         c.item(
-            f"{'Ask':<14}`.venv/bin/cuneiform-ask readiness status` (also: archiver status, trainer-dispatcher models)"
+            f"{'Ask':<14}`.venv/bin/cuneiform-ask readiness status` (also: archiver status, trainer-dispatcher status)"
         )
         c.item(f"{'':<14}`.venv/bin/cuneiform-archiver export --help`: datasets from any filter")
+        c.item(
+            f"{'Rollout':<14}`.venv/bin/cuneiform-deployer status {MODEL_NAME}` (routing, reward by version), "
+            f"`… history {MODEL_NAME}` (every change and why), `… rollback {MODEL_NAME} --why …`"
+        )
+        c.item(
+            f"{'':<14}the services stop with the demo: to ask one, start it from the repository root "
+            "(e.g. `.venv/bin/cuneiform-deployer &`; it reads .cuneiform/stack.env)"
+        )
         c.item(f"{'NATS monitor':<14}{endpoints.nats_monitor_url}/jsz?streams=true")
         c.item(
             f"{'Stack':<14}`{self.stack_hint('status')}` shows it; `{self.stack_hint('down')}` stops it "
