@@ -323,7 +323,7 @@ class Demo:
             f"{model['triggered_by']}, artifact sha256 {model['artifact_sha256'][:16]}…)"
         )
         c.item(f"deployer: A/B test {_weights(table)} (deployment {table.deployment_id}); agents keep their arm")
-        self.describe_rule()
+        await self.describe_rule(endpoints)
         first = await self.rounds_until_decided(endpoints, table.deployment_id, "rollout")
         champion = first["version"] if first["action"] == "promote" else self.policy.version
         c.section(8, SECTIONS, "A deliberately worse version: out as a canary, rolled back on live reward")
@@ -364,10 +364,13 @@ class Demo:
         )
         await self.rounds_until_decided(endpoints, deployed["deployment_id"], "canary")
 
-    def describe_rule(self) -> None:
+    async def describe_rule(self, endpoints: StackEndpoints) -> None:
+        """The rule as the running deployer states it (its settings, not a copy of them)."""
+        rule = (await ask(endpoints.nats_url, "deployer", "status", {"model_name": MODEL_NAME}))["rule"]
         self.console.item(
-            f"the rule: once each arm has {DEMO_MIN_TRAJECTORIES} completed episodes, Welch's t-test on mean reward "
-            "(one-sided, alpha 0.05): better → promote, worse → roll back; failure rate over 20 % → roll back"
+            f"the rule: once each arm has {rule['min_trajectories']} completed episodes, Welch's t-test on mean "
+            f"reward (one-sided, alpha {rule['alpha']:g}): better → promote, worse → roll back; failure rate over "
+            f"{rule['max_failure_rate']:.0%} → roll back"
         )
 
     async def wait_routing(self, endpoints: StackEndpoints, predicate: Any, what: str) -> RoutingTable:

@@ -17,10 +17,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -182,12 +184,10 @@ class Deployer:
         mode = self.settings.auto_rollout
         if mode == "off":
             return
-        async with self.service.pool.acquire() as conn:
-            has_champion = await conn.fetchval("SELECT 1 FROM deployer.routing WHERE model_name = $1", model_name)
-        strategy = mode if has_champion else "immediate"
-        reason = f"new trained version {version} (auto rollout: {strategy})"
+        # deploy() itself sends the first version of a model to everyone (no champion to test against).
+        reason = f"new trained version {version} (auto rollout: {mode}; immediate while there is no champion)"
         try:
-            await self.deploy(model_name, [version], strategy, actor="deployer:auto", reason=reason)
+            await self.deploy(model_name, [version], mode, actor="deployer:auto", reason=reason)
         except DeployError as error:  # registered all the same; an operator can deploy it by hand
             log.warning("deployer.auto_rollout_refused", model=model_name, version=version, error=str(error))
 
@@ -381,9 +381,18 @@ class Deployer:
                 "pin" if version else "unpin", actor, f"{agent_id}: {reason}",
             )  # fmt: skip
 
-    def _change(self, model_name: str) -> _Change:
+    @contextlib.asynccontextmanager
+    async def _change(self, model_name: str) -> AsyncIterator[asyncpg.Connection]:
+        """One transaction under the model's advisory lock; after the commit, the routing goes to the KV
+        bucket and the change is announced (a failure there is finished by the sweep)."""
         _checked(model_name, MODEL_NAME_PATTERN, "model_name")
-        return _Change(self, model_name)
+        async with self.service.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('deployer:' || $1))", model_name)
+            yield conn
+        try:
+            await self.flush()
+        except Exception as failure:  # committed: the sweep finishes the job
+            log.warning("deployer.flush_deferred", model=model_name, error=repr(failure))
 
     async def _require_registered(self, conn: asyncpg.Connection, model_name: str, versions: list[str]) -> None:
         found = await conn.fetch(
@@ -808,37 +817,6 @@ class Deployer:
         }  # fmt: skip
 
 
-class _Change:
-    """``async with deployer._change(model) as conn``: one transaction under the model's advisory lock;
-    after the commit, the routing goes to the KV bucket and the change is announced."""
-
-    def __init__(self, deployer: Deployer, model_name: str) -> None:
-        self.deployer = deployer
-        self.model_name = model_name
-
-    async def __aenter__(self) -> asyncpg.Connection:
-        self._acquired = self.deployer.service.pool.acquire()
-        conn: asyncpg.Connection = await self._acquired.__aenter__()
-        self._transaction = conn.transaction()
-        await self._transaction.start()
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('deployer:' || $1))", self.model_name)
-        return conn
-
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
-        try:
-            if kind is None:
-                await self._transaction.commit()
-            else:
-                await self._transaction.rollback()
-        finally:
-            await self._acquired.__aexit__(kind, error, tb)
-        if kind is None:
-            try:
-                await self.deployer.flush()
-            except Exception as failure:  # committed: the sweep finishes the job
-                log.warning("deployer.flush_deferred", model=self.model_name, error=repr(failure))
-
-
 async def arm_stats(
     conn: asyncpg.Connection, model_name: str, *, deployment_id: uuid.UUID | None = None
 ) -> dict[str, ArmStats]:
@@ -924,8 +902,6 @@ def _weights(arms: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _checked(value: Any, pattern: str, name: str) -> str:
-    import re
-
     text = str(value or "")
     if not re.match(pattern, text):
         raise DeployError(f"{name} {text!r} is not valid (pattern {pattern})")
